@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: makes .venv on first use, then
+#   ./dev.sh demo   render a project with default answers, train it on
+#                   synthetic data and show its freeze report
+#   ./dev.sh test   run the template's test suite (extra args go to pytest)
+set -euo pipefail
+cd "$(dirname "$0")"
+venv="${FREEZE_VENV:-.venv}"
+
+if [ ! -f "$venv/.installed" ] || [ pyproject.toml -nt "$venv/.installed" ]; then
+  echo "== installing into $venv (torch with its CUDA libraries is several GB; it runs on CPU too)"
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  "$venv/bin/python" -m pip install --quiet -e ".[dev]"
+  touch "$venv/.installed"
+fi
+export PATH="$PWD/$venv/bin:$PATH"
+
+case "${1:-}" in
+  demo)
+    rm -rf demo
+    freeze-scaffold new demo
+    python -m pip install --quiet --no-deps --no-build-isolation -e demo
+    finetune_demo train --data synthetic --epochs 2 --out demo/runs/a
+    echo "== demo/runs/a/freeze_manifest.json"
+    python -c "import json; m = json.load(open('demo/runs/a/freeze_manifest.json')); print(json.dumps({k: (v if len(str(v)) < 200 else f'{len(v)} entries') for k, v in m.items()}, indent=2))"
+    ls -l demo/runs/a
+    ;;
+  test)
+    shift
+    python -m pytest "$@"
+    ;;
+  *)
+    echo "usage: ./dev.sh demo | test [pytest args]" >&2
+    exit 2
+    ;;
+esac

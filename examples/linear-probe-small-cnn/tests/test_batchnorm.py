@@ -1,0 +1,66 @@
+"""BatchNorm policy eval_frozen: fixed statistics survive model.train() and training steps."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from linear_probe_small_cnn.batchnorm import BATCHNORM_TYPES
+from linear_probe_small_cnn.data import make_datasets
+from linear_probe_small_cnn.train import make_optimizer, prepare_model, train_one_epoch
+
+
+def fixed_modules(model, manifest):
+    assert manifest["bn_fixed"], "the policy fixed no BatchNorm layer"
+    return {name: model.get_submodule(name) for name in manifest["bn_fixed"]}
+
+
+def snapshot(modules):
+    return {
+        f"{name}.{key}": value.clone()
+        for name, module in modules.items()
+        for key, value in module.state_dict().items()
+    }
+
+
+def test_fixed_layers_stay_fixed_across_train_calls(config):
+    model, manifest = prepare_model(config)
+    fixed = fixed_modules(model, manifest)
+    model.train()
+    for child in model.children():
+        child.train()
+    model.eval()
+    model.train(True)
+    for name, module in fixed.items():
+        assert isinstance(module, BATCHNORM_TYPES) and not module.training, name
+
+
+def test_statistics_are_bit_identical_after_training_steps(config):
+    model, manifest = prepare_model(config)
+    fixed = fixed_modules(model, manifest)
+    before = snapshot(fixed)
+    train_set, _ = make_datasets("synthetic", config)
+    optimizer = make_optimizer(model, config)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loader = DataLoader(train_set, batch_size=32, shuffle=True)
+    train_one_epoch(model, loader, optimizer, scaler, torch.device("cpu"), use_amp=False)
+    after = snapshot(fixed)
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), f"{key} changed"
+
+
+def test_fixed_layer_normalises_the_same_in_train_and_eval(config):
+    model, manifest = prepare_model(config)
+    name, module = next(iter(fixed_modules(model, manifest).items()))
+    channels = module.num_features
+    x = torch.randn(4, channels, 5, 5)
+    model.train()
+    y_train = module(x)
+    model.eval()
+    assert torch.equal(y_train, module(x)), name
+
+
+def test_affine_of_fixed_layers_is_frozen(config):
+    model, manifest = prepare_model(config)
+    for name in fixed_modules(model, manifest):
+        assert f"{name}.weight" in manifest["frozen"] and f"{name}.bias" in manifest["frozen"]

@@ -1,0 +1,262 @@
+"""Training: fit() wires model, freeze, data and checkpoints together.
+
+Read top to bottom: prepare_model (build, load --init, freeze, fix BN),
+make_optimizer (trainable parameters only), train_one_epoch, evaluate, fit.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .batchnorm import fix_batchnorm
+from .checkpoint import atomic_write, load_matching, save_safetensors, torch_load, torch_save
+from .data import make_datasets
+from .freeze import freeze
+from .layers import freeze_summary
+from .model import build_model
+
+METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "lr", "seconds")
+BN_POLICY = "replace_frozen"
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_model(
+    config: dict, init: str | Path | None = None, pretrained: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model, load --init, apply the freeze spec and BN policy.
+
+    Raises before anything is written when the spec or the init file is wrong.
+    """
+    model = build_model(config["model"]["num_classes"], pretrained=pretrained)
+    if init is not None:
+        report = load_matching(model, init, config["init"]["min_loaded_fraction"])
+        print(report.format())
+    selection = freeze(model, config["freeze"]["patterns"])
+    bn_fixed = fix_batchnorm(model)
+    selectors = {selector: len(names) for selector, names in selection.items()}
+    return model, freeze_manifest(model, selectors, bn_fixed)
+
+
+def freeze_manifest(model: nn.Module, selectors: dict[str, int], bn_fixed: list[str]) -> dict[str, Any]:
+    """What is frozen, as written to freeze_manifest.json.
+
+    `selectors` maps each selector of the spec to the number of parameter
+    tensors it froze.
+    """
+    params = list(model.named_parameters())
+    return {
+        "frozen": [name for name, p in params if not p.requires_grad],
+        "trainable": [name for name, p in params if p.requires_grad],
+        "bn_fixed": bn_fixed,
+        "bn_policy": BN_POLICY,
+        "selectors": selectors,
+    }
+
+
+def make_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
+    # Only trainable parameters: a frozen tensor inside the optimizer still
+    # drifts through weight decay and momentum even with requires_grad=False.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    train_cfg = config["train"]
+    return torch.optim.AdamW(
+        [{"params": trainable, "name": "trainable"}],
+        lr=train_cfg["lr"],
+        weight_decay=train_cfg["weight_decay"],
+    )
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(epoch: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    use_amp: bool,
+) -> float:
+    model.train()
+    total, count = 0.0, 0
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            loss = nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        # The scaler keeps fp16 gradients from underflowing; disabled it is a no-op.
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total += loss.item() * len(labels)
+        count += len(labels)
+    return total / count
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over `loader`."""
+    model.eval()
+    loss, correct, count = 0.0, 0, 0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images)
+        loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        count += len(labels)
+    return loss / count, correct / count
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def write_metrics(path: Path, history: list[dict[str, float]]) -> None:
+    # Rewritten whole from the history each epoch, so a resumed run never
+    # holds rows from epochs it went back over.
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fit(
+    config: dict,
+    out: str | Path,
+    *,
+    data: str = "synthetic",
+    epochs: int | None = None,
+    init: str | Path | None = None,
+    resume: str | Path | None = None,
+    stop_after: int | None = None,
+    device: str | None = None,
+) -> list[dict[str, float]]:
+    """Train and write the run folder; return one metrics row per epoch.
+
+    `stop_after` ends this invocation after that many epochs, leaving the
+    schedule planned for `epochs`: resume later with --resume.
+    """
+    train_cfg = config["train"]
+    epochs = epochs or train_cfg["epochs"]
+    dev = pick_device(device)
+    seed_everything(train_cfg["seed"])
+    checkpoint = torch_load(resume) if resume else None
+    # Everything that can reject the input runs before the run folder exists.
+    model, manifest = prepare_model(
+        config,
+        init=init,
+        pretrained=config["model"]["pretrained"] and init is None and checkpoint is None,
+    )
+    train_set, val_set = make_datasets(data, config)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(freeze_summary(model, BN_POLICY))
+
+    model.to(dev)
+    optimizer = make_optimizer(model, config)
+    scheduler = cosine_schedule(optimizer, epochs)
+    use_amp = train_cfg["amp"] and dev.type == "cuda"
+    scaler = torch.amp.GradScaler(dev.type, enabled=use_amp)
+    history: list[dict[str, float]] = []
+    best_acc, start = -1.0, 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"])
+        start, best_acc, history = checkpoint["epoch"], checkpoint["best_acc"], checkpoint["history"]
+        manifest = checkpoint["freeze_manifest"]
+        print(f"resumed from {resume} at epoch {start}")
+    write_json(out / "freeze_manifest.json", manifest)
+
+    loader_args = {
+        "batch_size": train_cfg["batch_size"],
+        "num_workers": train_cfg["num_workers"],
+        "pin_memory": dev.type == "cuda",
+    }
+    val_loader = DataLoader(val_set, shuffle=False, **loader_args)
+    ran = 0
+    for epoch in range(start, epochs):
+        # The shuffle order depends on the epoch alone, so a resumed run
+        # sees exactly the batches an uninterrupted one would.
+        shuffle = torch.Generator().manual_seed(train_cfg["seed"] + epoch)
+        train_loader = DataLoader(train_set, shuffle=True, generator=shuffle, **loader_args)
+        started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss = train_one_epoch(model, train_loader, optimizer, scaler, dev, use_amp)
+        val_loss, val_acc = evaluate(model, val_loader, dev)
+        scheduler.step()
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": lr,
+            "seconds": time.perf_counter() - started,
+        }
+        history.append(row)
+        write_metrics(out / "metrics.csv", history)
+        print(
+            f"epoch {epoch}: train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
+            f"val_acc {val_acc:.3f} lr {lr:.2e} ({row['seconds']:.1f}s)"
+        )
+        if val_acc > best_acc:
+            best_acc = val_acc
+            state = model.state_dict()
+            save_safetensors(state, out / "best.safetensors", {"epoch": str(epoch), "val_acc": f"{val_acc:.6f}"})
+        checkpoint = {
+            "epoch": epoch + 1,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rng_state(),
+            "best_acc": best_acc,
+            "history": history,
+            "freeze_manifest": manifest,
+            "config": config,
+        }
+        torch_save(checkpoint, out / "last.ckpt")
+        ran += 1
+        if stop_after is not None and ran >= stop_after:
+            break
+    return history

@@ -1,0 +1,115 @@
+"""Generated projects pass their own test suites, and the console script works as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+import torch
+
+from scaffold.matrix import run_tests
+
+# A representative subset: every freeze_by, BN policy and format at least
+# once, both backbones, unfreeze on and off. The full pairwise matrix is
+# `freeze-scaffold matrix`.
+SUBSET = {
+    "defaults": {},
+    "name-eval_all-all-formats-unfreeze": {
+        "freeze_by": "name",
+        "bn_policy": "eval_all",
+        "checkpoint_formats": ["state_dict", "safetensors", "full"],
+        "unfreeze_at_epoch": 1,
+    },
+    "index-train-state_dict": {"freeze_by": "index", "bn_policy": "train", "checkpoint_formats": ["state_dict"]},
+    "pattern-replace_frozen-unfreeze": {
+        "freeze_by": "pattern",
+        "bn_policy": "replace_frozen",
+        "checkpoint_formats": ["safetensors", "full"],
+        "unfreeze_at_epoch": 1,
+    },
+    "none-eval_all-safetensors": {"freeze_by": "none", "bn_policy": "eval_all", "checkpoint_formats": ["safetensors"]},
+    "resnet18-pattern-replace_frozen-unfreeze": {
+        "backbone": "resnet18",
+        "freeze_by": "pattern",
+        "bn_policy": "replace_frozen",
+        "checkpoint_formats": ["state_dict", "full"],
+        "unfreeze_at_epoch": 1,
+    },
+    "resnet18-backbone-eval_frozen": {"backbone": "resnet18", "checkpoint_formats": ["state_dict", "safetensors"]},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SUBSET))
+def test_generated_suite_passes_on_cpu(render_project, name):
+    project = render_project(name, **SUBSET[name])
+    proc = run_tests(project, ["-x"])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout.splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def user_venv(tmp_path_factory) -> Path:
+    """A venv that sees this interpreter's torch, as a user's environment would."""
+    path = tmp_path_factory.mktemp("venv") / "env"
+    venv.create(path, system_site_packages=True, with_pip=True)
+    return path
+
+
+@pytest.mark.slow
+def test_user_flow_resnet18_pattern_with_init(user_venv, render_project, tmp_path):
+    """copier copy, pip install -e, `demo train --init`: frozen tensors in best.pt equal the init file's."""
+    project = render_project("demo", project_name="demo", backbone="resnet18", freeze_by="pattern")
+    pip = [str(user_venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*pip, "-e", str(project)], check=True, capture_output=True)
+    demo = str(user_venv / "bin" / "demo")
+
+    sys.path.insert(0, str(project / "src"))
+    try:
+        from demo.model import build_model
+    finally:
+        sys.path.remove(str(project / "src"))
+    torch.manual_seed(3)
+    init = build_model(10).state_dict()
+    torch.save(init, tmp_path / "init.pt")
+
+    out = tmp_path / "runs" / "a"
+    env = {**os.environ, "CI": "true"}
+    run = [demo, "train", "--data", "synthetic", "--epochs", "2", "--out", str(out), "--init", str(tmp_path / "init.pt")]
+    proc = subprocess.run(run, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "init from" in proc.stdout and "trainable" in proc.stdout
+    for name in ("freeze_manifest.json", "metrics.csv", "best.pt", "last.ckpt"):
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "freeze_manifest.json").read_text())
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert manifest["frozen"]
+    for key in manifest["frozen"]:
+        assert torch.equal(best[key], init[key]), key
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "epoch,train_loss,val_loss,val_acc,lr,seconds" and len(rows) == 3
+
+
+@pytest.mark.slow
+def test_user_flow_misspelled_name_fails_before_the_run_folder(user_venv, render_project, tmp_path):
+    project = render_project("typo", project_name="typo", freeze_by="name", freeze_names=["stem", "block1"])
+    config = tmp_path / "typo.toml"
+    config.write_text('[freeze]\nnames = ["stem", "blokc1"]\n')
+    sys_python = str(user_venv / "bin" / "python")
+    env = {**os.environ, "PYTHONPATH": str(project / "src")}
+    out = tmp_path / "runs" / "typo"
+    proc = subprocess.run(
+        [sys_python, "-m", "typo", "--config", str(config), "train", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 2
+    assert "'blokc1' is not a module or parameter of the model; closest: block1" in proc.stderr
+    assert not out.exists()
+    assert sys.executable  # the subprocess above ran a separate interpreter

@@ -1,0 +1,86 @@
+"""Every pairwise answer set renders: no Jinja left, the expected files, ruff-clean."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scaffold.matrix import all_rows, answer_sets, answers, covered_pairs, label
+from scaffold.render import render
+from tests.conftest import ROOT
+
+SETS = answer_sets()
+
+
+def expected_files(row: dict, package: str) -> set[str]:
+    """The file set, derived from the answers independently of the template."""
+    src = f"src/{package}"
+    files = {
+        ".copier-answers.yml",
+        ".gitignore",
+        ".github/workflows/ci.yml",
+        ".github/actionlint.yaml",
+        "README.md",
+        "pyproject.toml",
+        *(f"{src}/{m}.py" for m in ("__init__", "__main__", "checkpoint", "cli", "config", "data", "layers", "model", "train")),
+        f"{src}/config.toml",
+        *(f"tests/{t}.py" for t in ("conftest", "test_checkpoint", "test_cuda", "test_train")),
+    }
+    if row["freeze_by"] != "none":
+        files |= {f"{src}/freeze.py", "tests/test_freeze.py"}
+    if row["bn_policy"] != "train":
+        files |= {f"{src}/batchnorm.py", "tests/test_batchnorm.py"}
+    if row["unfreeze_at_epoch"] and row["freeze_by"] != "none":
+        files.add("tests/test_unfreeze.py")
+    if row["backbone"] == "resnet18":
+        files.add("tests/test_model.py")
+    return files
+
+
+def test_matrix_covers_every_valid_pair():
+    everything = covered_pairs(all_rows())
+    assert covered_pairs(SETS) == everything
+    assert len(SETS) < len(all_rows()) / 5
+
+
+@pytest.fixture(scope="module")
+def renders(tmp_path_factory) -> dict[str, tuple[dict, Path]]:
+    root = tmp_path_factory.mktemp("matrix")
+    return {label(row): (row, render(root / label(row), answers(row), src=ROOT)) for row in SETS}
+
+
+@pytest.mark.parametrize("row", SETS, ids=label)
+def test_render_has_no_jinja_left_and_the_expected_files(renders, row):
+    _, project = renders[label(row)]
+    files = {str(p.relative_to(project)) for p in project.rglob("*") if p.is_file()}
+    assert files == expected_files(row, "finetune_demo")
+    for name in files:
+        text = (project / name).read_text()
+        # GitHub's own ${{ }} expressions are meant to survive the render.
+        leftover = text.replace("${{", "")
+        assert "{{" not in leftover and "{%" not in leftover and "{#" not in leftover, name
+
+
+def test_every_render_is_ruff_clean(renders):
+    projects = [str(project) for _, project in renders.values()]
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", *projects], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_generated_code_never_imports_scaffold(renders):
+    for _, project in renders.values():
+        for path in Path(project).rglob("*.py"):
+            assert "scaffold" not in path.read_text(), path
+
+
+def test_options_not_chosen_leave_no_code(renders):
+    for row, project in renders.values():
+        train = (project / "src/finetune_demo/train.py").read_text()
+        assert ("save_safetensors" in train) == ("safetensors" in row["checkpoint_formats"])
+        assert ("last.ckpt" in train) == ("full" in row["checkpoint_formats"])
+        assert ("def unfreeze" in train) == bool(row["unfreeze_at_epoch"] and row["freeze_by"] != "none")
+        deps = (project / "pyproject.toml").read_text()
+        assert ('"torchvision>=' in deps.split("[project.optional-dependencies]")[0]) == (row["backbone"] == "resnet18")
