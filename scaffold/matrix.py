@@ -44,7 +44,7 @@ def _pairs(row: dict[str, Any]) -> set[tuple]:
 
 def all_rows() -> list[dict[str, Any]]:
     names = list(DIMENSIONS)
-    rows = (dict(zip(names, values)) for values in itertools.product(*DIMENSIONS.values()))
+    rows = (dict(zip(names, values, strict=True)) for values in itertools.product(*DIMENSIONS.values()))
     return [row for row in rows if is_valid(row)]
 
 

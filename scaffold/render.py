@@ -10,7 +10,14 @@ import copier
 import yaml
 
 # Answers whose values are YAML lists or numbers when given as `key=value` text.
-YAML_ANSWERS = {"freeze_names", "freeze_indices", "freeze_patterns", "checkpoint_formats", "num_classes", "unfreeze_at_epoch"}
+YAML_ANSWERS = {
+    "freeze_names",
+    "freeze_indices",
+    "freeze_patterns",
+    "checkpoint_formats",
+    "num_classes",
+    "unfreeze_at_epoch",
+}
 
 
 def template_root() -> Path:

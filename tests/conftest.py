@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import site
+import subprocess
+import venv
 from pathlib import Path
 
 import pytest
@@ -17,3 +20,20 @@ def render_project(tmp_path: Path):
         return render(tmp_path / name, data, src=ROOT)
 
     return _render
+
+
+def make_venv(path: Path) -> Path:
+    """A fresh venv that also sees this interpreter's packages (torch, hatchling).
+
+    system_site_packages would expose the base interpreter's, not this venv's,
+    so a .pth file names this interpreter's site-packages instead.
+    """
+    venv.create(path, with_pip=True)
+    child = subprocess.run(
+        [str(path / "bin" / "python"), "-c", "import site; print(site.getsitepackages()[0])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (Path(child) / "parent-site.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return path

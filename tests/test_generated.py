@@ -6,13 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import venv
 from pathlib import Path
 
 import pytest
 import torch
 
 from scaffold.matrix import run_tests
+from tests.conftest import make_venv
 
 # A representative subset: every freeze_by, BN policy and format at least
 # once, both backbones, unfreeze on and off. The full pairwise matrix is
@@ -56,9 +56,7 @@ def test_generated_suite_passes_on_cpu(render_project, name):
 @pytest.fixture(scope="module")
 def user_venv(tmp_path_factory) -> Path:
     """A venv that sees this interpreter's torch, as a user's environment would."""
-    path = tmp_path_factory.mktemp("venv") / "env"
-    venv.create(path, system_site_packages=True, with_pip=True)
-    return path
+    return make_venv(tmp_path_factory.mktemp("venv") / "env")
 
 
 @pytest.mark.slow
@@ -80,7 +78,18 @@ def test_user_flow_resnet18_pattern_with_init(user_venv, render_project, tmp_pat
 
     out = tmp_path / "runs" / "a"
     env = {**os.environ, "CI": "true"}
-    run = [demo, "train", "--data", "synthetic", "--epochs", "2", "--out", str(out), "--init", str(tmp_path / "init.pt")]
+    run = [
+        demo,
+        "train",
+        "--data",
+        "synthetic",
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+        "--init",
+        str(tmp_path / "init.pt"),
+    ]
     proc = subprocess.run(run, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "init from" in proc.stdout and "trainable" in proc.stdout

@@ -25,7 +25,10 @@ def expected_files(row: dict, package: str) -> set[str]:
         ".github/actionlint.yaml",
         "README.md",
         "pyproject.toml",
-        *(f"{src}/{m}.py" for m in ("__init__", "__main__", "checkpoint", "cli", "config", "data", "layers", "model", "train")),
+        *(
+            f"{src}/{m}.py"
+            for m in ("__init__", "__main__", "checkpoint", "cli", "config", "data", "layers", "model", "train")
+        ),
         f"{src}/config.toml",
         *(f"tests/{t}.py" for t in ("conftest", "test_checkpoint", "test_cuda", "test_train")),
     }
@@ -66,7 +69,9 @@ def test_render_has_no_jinja_left_and_the_expected_files(renders, row):
 
 def test_every_render_is_ruff_clean(renders):
     projects = [str(project) for _, project in renders.values()]
-    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", *projects], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--no-cache", *projects], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import venv
 from pathlib import Path
 
 import pytest
 
 from scaffold.cli import main
-from tests.conftest import ROOT
+from tests.conftest import ROOT, make_venv
 
 
 def test_new_renders_with_answers(tmp_path, capsys):
-    assert main(["new", str(tmp_path / "p"), "--data", "backbone=resnet18", "--data", "checkpoint_formats=[safetensors]"]) == 0
+    assert (
+        main(["new", str(tmp_path / "p"), "--data", "backbone=resnet18", "--data", "checkpoint_formats=[safetensors]"])
+        == 0
+    )
     answers = (tmp_path / "p" / ".copier-answers.yml").read_text()
     assert "backbone: resnet18" in answers and "- safetensors" in answers
 
@@ -46,13 +48,23 @@ def test_matrix_renders_and_reports(tmp_path, capsys):
 @pytest.mark.slow
 def test_new_works_from_an_installed_wheel(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
         capture_output=True,
     )
     wheel = next(tmp_path.glob("freeze_template-*.whl"))
-    env_dir = tmp_path / "env"
-    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    env_dir = make_venv(tmp_path / "env")
     python = str(env_dir / "bin" / "python")
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True)
     # Run from an unrelated directory, so only the wheel's copy of the template can be found.
@@ -64,7 +76,20 @@ def test_new_works_from_an_installed_wheel(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     located = subprocess.run(
-        [python, "-c", "import scaffold.render as r; print(r.template_root())"], cwd=tmp_path, capture_output=True, text=True
+        [python, "-c", "import scaffold.render as r; print(r.template_root())"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     ).stdout
     assert "site-packages" in located
     assert (Path(tmp_path) / "made" / "src" / "finetune_demo" / "freeze.py").is_file()
+
+
+def test_template_repo_code_is_ruff_clean():
+    proc = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--no-cache", "scaffold", "tests"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout

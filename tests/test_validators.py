@@ -19,7 +19,10 @@ import pytest
         ({"freeze_by": "index", "freeze_indices": [1.5]}, "'1.5' is not an integer"),
         ({"freeze_by": "index", "freeze_indices": [7]}, "7 is out of range; small_cnn has 5 top-level children"),
         ({"freeze_by": "pattern", "freeze_patterns": []}, "freeze_patterns must be a non-empty YAML list"),
-        ({"freeze_by": "pattern", "freeze_patterns": ["re:layer[12"]}, "'re:layer[12' is not a valid regular expression"),
+        (
+            {"freeze_by": "pattern", "freeze_patterns": ["re:layer[12"]},
+            "'re:layer[12' is not a valid regular expression",
+        ),
         ({"freeze_by": "pattern", "freeze_patterns": ["re:(stem"]}, "'re:(stem' is not a valid regular expression"),
         ({"freeze_by": "pattern", "freeze_patterns": ["re:a{2,1}"]}, "min repeat greater than max repeat"),
         ({"freeze_by": "none", "bn_policy": "eval_frozen"}, "freeze_by is 'none' so nothing is frozen"),
