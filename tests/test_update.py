@@ -24,10 +24,13 @@ def template_repo(tmp_path: Path) -> Path:
     """This checkout's files (committed or not) as a tagged git repo, as users consume it."""
     repo = tmp_path / "template"
     files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.split()
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\0")  # template file names hold spaces: "{% if ... %}"
     for name in files:
-        if (ROOT / name).is_file():
+        if name and (ROOT / name).is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, repo / name)
     git(repo, "init", "-q")
