@@ -92,8 +92,8 @@ def test_user_flow_resnet18_pattern_with_init(user_venv, render_project, tmp_pat
     ]
     proc = subprocess.run(run, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "init from" in proc.stdout and "trainable" in proc.stdout
-    for name in ("freeze_manifest.json", "metrics.csv", "best.pt", "last.ckpt"):
+    assert "122 of 122 model tensors load (100%)" in proc.stdout and "trainable" in proc.stdout
+    for name in ("freeze_manifest.json", "metrics.csv", "best.pt", "last.ckpt", "checkpoints.json"):
         assert (out / name).is_file(), name
     manifest = json.loads((out / "freeze_manifest.json").read_text())
     best = torch.load(out / "best.pt", weights_only=True)

@@ -27,10 +27,13 @@ def expected_files(row: dict, package: str) -> set[str]:
         "pyproject.toml",
         *(
             f"{src}/{m}.py"
-            for m in ("__init__", "__main__", "checkpoint", "cli", "config", "data", "layers", "model", "train")
+            for m in (
+                *("__init__", "__main__", "checkpoint", "cli", "config", "data"),
+                *("export", "layers", "model", "train", "weights"),
+            )
         ),
         f"{src}/config.toml",
-        *(f"tests/{t}.py" for t in ("conftest", "test_checkpoint", "test_cuda", "test_train")),
+        *(f"tests/{t}.py" for t in ("conftest", "test_checkpoint", "test_cuda", "test_export", "test_train")),
     }
     if row["freeze_by"] != "none":
         files |= {f"{src}/freeze.py", "tests/test_freeze.py"}
@@ -40,6 +43,8 @@ def expected_files(row: dict, package: str) -> set[str]:
         files.add("tests/test_unfreeze.py")
     if row["backbone"] == "resnet18":
         files.add("tests/test_model.py")
+    if "full" in row["checkpoint_formats"]:
+        files.add("tests/test_resume.py")
     return files
 
 
@@ -83,9 +88,16 @@ def test_generated_code_never_imports_scaffold(renders):
 
 def test_options_not_chosen_leave_no_code(renders):
     for row, project in renders.values():
-        train = (project / "src/finetune_demo/train.py").read_text()
-        assert ("save_safetensors" in train) == ("safetensors" in row["checkpoint_formats"])
-        assert ("last.ckpt" in train) == ("full" in row["checkpoint_formats"])
+        formats = row["checkpoint_formats"]
+        src = project / "src/finetune_demo"
+        train = (src / "train.py").read_text()
+        checkpoint = (src / "checkpoint.py").read_text()
+        config = (src / "config.toml").read_text()
+        assert ("safetensors_bytes" in train) == ("safetensors" in formats) == ("def safetensors_bytes" in checkpoint)
+        assert ('"best.pt"' in train) == ("state_dict" in formats)
+        assert ("last.ckpt" in train) == ("full" in formats) == ("def find_resumable" in checkpoint)
+        assert ("keep_last_k" in config) == ("full" in formats) == ("--resume" in (src / "cli.py").read_text())
+        assert ("monitor" in config) == bool({"state_dict", "safetensors"} & set(formats)) == ("MONITORS" in train)
         assert ("def unfreeze" in train) == bool(row["unfreeze_at_epoch"] and row["freeze_by"] != "none")
         deps = (project / "pyproject.toml").read_text()
         assert ('"torchvision>=' in deps.split("[project.optional-dependencies]")[0]) == (row["backbone"] == "resnet18")

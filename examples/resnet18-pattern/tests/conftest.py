@@ -20,8 +20,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture
-def config() -> dict:
+def small_config() -> dict:
     """The packaged config with a dataset small enough for a test."""
     cfg = load_config()
     cfg["train"].update(epochs=2, batch_size=32, image_size=32)
@@ -29,6 +28,11 @@ def config() -> dict:
     # Tests make their own weights; nothing is downloaded.
     cfg["model"]["pretrained"] = False
     return cfg
+
+
+@pytest.fixture
+def config() -> dict:
+    return small_config()
 
 
 def to_toml(config: dict) -> str:

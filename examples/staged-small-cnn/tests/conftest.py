@@ -20,13 +20,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture
-def config() -> dict:
+def small_config() -> dict:
     """The packaged config with a dataset small enough for a test."""
     cfg = load_config()
     cfg["train"].update(epochs=2, batch_size=32, image_size=32)
     cfg["data"].update(synthetic_train_size=256, synthetic_val_size=128)
     return cfg
+
+
+@pytest.fixture
+def config() -> dict:
+    return small_config()
 
 
 def to_toml(config: dict) -> str:

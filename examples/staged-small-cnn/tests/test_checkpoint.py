@@ -1,36 +1,122 @@
-"""Loading is partial but loud, never runs code, and saving never tears a file."""
+"""Loading is planned and loud, never runs code; saving is atomic and recorded."""
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
+from torch import nn
 
-from staged_small_cnn.checkpoint import CheckpointError, atomic_write, load_matching, read_state_dict, torch_load
+from staged_small_cnn.checkpoint import (
+    CheckpointError,
+    RunFiles,
+    atomic_write,
+    read_state_dict,
+    safetensors_bytes,
+    torch_load,
+)
+from staged_small_cnn.cli import main
+from staged_small_cnn.config import ConfigError
 from staged_small_cnn.model import HEAD, build_model
 from staged_small_cnn.train import fit
+from staged_small_cnn.weights import load_init, plan_load
 
 
-def test_partial_load_skips_shape_mismatches_and_reports_them(tmp_path, config):
+def init_config(**overrides) -> dict:
+    return {"min_loaded_fraction": 0.5, "remap": [], "first_n": 0, **overrides}
+
+
+def test_partial_load_unwraps_strips_prefixes_and_reports_shape_mismatches(tmp_path, config):
     num_classes = config["model"]["num_classes"]
     source = build_model(num_classes + 1).state_dict()
-    torch.save({"model": {f"_orig_mod.module.{k}": v for k, v in source.items()}}, tmp_path / "w.pt")
+    # DDP inside torch.compile, inside a Lightning-style dict inside a "module" wrapper.
+    wrapped = {"module": {"state_dict": {f"_orig_mod.module.{k}": v for k, v in source.items()}}}
+    torch.save(wrapped, tmp_path / "w.pth")
     model = build_model(num_classes)
-    report = load_matching(model, tmp_path / "w.pt", min_loaded_fraction=0.5)
-    assert {key for key, _, _ in report.mismatched} == {f"{HEAD}.weight", f"{HEAD}.bias"}
-    assert not report.missing and not report.unexpected
+    plan = load_init(model, tmp_path / "w.pth", init_config())
+    assert {key for key, _, _ in plan.mismatched} == {f"{HEAD}.weight", f"{HEAD}.bias"}
+    assert not plan.missing and not plan.unexpected
     state = model.state_dict()
-    for key in report.loaded:
-        assert torch.equal(state[key], source[key])
-    assert "shape mismatch" in report.format()
+    for key in plan.loaded:
+        assert torch.equal(state[key], source[key]), key
+    shape = list(source[f"{HEAD}.weight"].shape)
+    assert f"{HEAD}.weight  file {shape} model {list(state[f'{HEAD}.weight'].shape)}" in plan.format()
 
 
-def test_a_file_that_matches_too_little_is_refused(tmp_path, config):
+def test_remap_renames_keys_before_matching(tmp_path, config):
+    source = build_model(config["model"]["num_classes"]).state_dict()
+    torch.save({f"backbone.{k}": v for k, v in source.items()}, tmp_path / "w.bin")
+    model = build_model(config["model"]["num_classes"])
+    plain = plan_load(model, read_state_dict(tmp_path / "w.bin"), "w.bin", [], 0)
+    assert not plain.loaded and len(plain.unexpected) == len(source)
+    plan = load_init(model, tmp_path / "w.bin", init_config(remap=[["^backbone\\.", ""]]))
+    assert plan.remapped == len(source) and plan.loaded == list(source)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in source.items())
+
+
+def test_a_remap_that_merges_keys_or_does_not_compile_is_a_config_error(tmp_path, config):
+    model = build_model(config["model"]["num_classes"])
+    source = model.state_dict()
+    with pytest.raises(ConfigError, match="maps two keys"):
+        plan_load(model, source, "w", [["\\.(weight|bias)$", ""]], 0)
+    with pytest.raises(ConfigError, match="not a regex"):
+        plan_load(model, source, "w", [["(", ""]], 0)
+
+
+def test_first_n_counts_in_the_models_order_not_the_files(tmp_path, config):
+    source = build_model(config["model"]["num_classes"]).state_dict()
+    # Written in reverse: "the first N keys of the file" would be the head.
+    save_file({k: source[k].contiguous() for k in reversed(source)}, tmp_path / "w.safetensors")
+    model = build_model(config["model"]["num_classes"])
+    plan = load_init(model, tmp_path / "w.safetensors", init_config(first_n=4, min_loaded_fraction=0.0))
+    assert plan.loaded == list(source)[:4]
+    assert plan.beyond_first_n == list(source)[4:]
+
+
+def test_the_report_collapses_runs_of_keys_under_one_module(config):
+    model = build_model(config["model"]["num_classes"])
+    source = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD + ".")}
+    plan = plan_load(model, source, "w", [], 0)
+    expected = []
+    for child in dict.fromkeys(k.split(".")[0] for k in source):
+        keys = [k for k in source if k.startswith(child + ".")]
+        expected.append(("loaded", f"{child}.* ({len(keys)} tensors)" if len(keys) > 1 else keys[0]))
+    expected.append(("missing in file", f"{HEAD}.* (2 tensors)"))
+    assert plan.rows() == expected
+    assert plan.format().splitlines()[-1].split() == ["missing", "in", "file", f"{HEAD}.*", "(2", "tensors)"]
+
+
+def test_a_file_that_matches_too_little_is_refused_before_anything_loads(tmp_path, config):
     torch.save({"encoder.weight": torch.zeros(3)}, tmp_path / "other.pt")
+    model = build_model(config["model"]["num_classes"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError, match="refusing to train from it"):
-        load_matching(build_model(config["model"]["num_classes"]), tmp_path / "other.pt", 0.5)
+        load_init(model, tmp_path / "other.pt", init_config())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_inspect_weights_prints_the_plan_and_the_verdict(tmp_path, config, config_file, capsys):
+    torch.save(build_model(config["model"]["num_classes"]).state_dict(), tmp_path / "good.pt")
+    torch.save({"encoder.weight": torch.zeros(3)}, tmp_path / "other.pt")
+    assert main(["--config", str(config_file), "inspect-weights", str(tmp_path / "good.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "(100%)" in out and "would accept" in out
+    assert main(["--config", str(config_file), "inspect-weights", str(tmp_path / "other.pt")]) == 2
+    out = capsys.readouterr().out
+    assert re.search(r"not in model +encoder\.weight\n", out) and "would refuse" in out
+
+
+def test_an_unknown_suffix_is_named(tmp_path):
+    (tmp_path / "w.h5").write_bytes(b"\x89HDF")
+    with pytest.raises(CheckpointError, match="unknown weights format '.h5'"):
+        read_state_dict(tmp_path / "w.h5")
 
 
 class RunsCode:
@@ -46,7 +132,7 @@ class RunsCode:
 def test_a_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"state_dict": {}, "payload": RunsCode(marker)}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="refused"):
+    with pytest.raises(CheckpointError, match="refused: loading it would run code from .*posix.system"):
         torch_load(tmp_path / "evil.pt")
     assert not marker.exists()
 
@@ -66,7 +152,7 @@ def test_damaged_files_raise_one_typed_error_naming_the_file(tmp_path, config, d
     else:
         data = os.urandom(len(data))
     path.write_bytes(data)
-    with pytest.raises(CheckpointError, match="model.pt"):
+    with pytest.raises(CheckpointError, match=f"model.pt \\({len(data)} bytes\\)"):
         read_state_dict(path)
 
 
@@ -84,25 +170,97 @@ def test_a_crash_mid_save_keeps_the_previous_file(tmp_path):
     assert list(tmp_path.iterdir()) == [path], "a temp file was left behind"
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path, config):
-    epochs = 3 + config["freeze"]["unfreeze_at_epoch"]
-    fit(config, tmp_path / "straight", epochs=epochs, device="cpu")
-    fit(config, tmp_path / "split", epochs=epochs, stop_after=epochs - 1, device="cpu")
-    history = fit(config, tmp_path / "split", epochs=epochs, resume=tmp_path / "split" / "last.ckpt", device="cpu")
-    assert [row["epoch"] for row in history] == list(range(epochs))
-    straight = torch_load(tmp_path / "straight" / "last.ckpt")
-    split = torch_load(tmp_path / "split" / "last.ckpt")
-    for key, value in straight["model"].items():
-        assert torch.equal(value, split["model"][key]), key
-    assert straight["optimizer"]["state"].keys() == split["optimizer"]["state"].keys()
-    assert (tmp_path / "straight" / "metrics.csv").read_text().count("\n") == epochs + 1
+def test_the_manifest_catches_a_changed_file_and_accepts_the_one_it_replaced(tmp_path):
+    files = RunFiles(tmp_path)
+    files.save("w.pt", b"first", {"epoch": 0, "format": "state_dict"})
+    files.save("w.pt", b"second", {"epoch": 1, "format": "state_dict"})
+    assert files.verify("w.pt")["epoch"] == 1
+    assert "replaces" not in RunFiles(tmp_path).files["w.pt"]
+    # What a run killed between recording the new hash and the rename leaves:
+    files.files["w.pt"]["replaces"] = {"sha256": hashlib.sha256(b"first").hexdigest(), "epoch": 0}
+    (tmp_path / "w.pt").write_bytes(b"first")
+    assert files.verify("w.pt")["epoch"] == 0
+    (tmp_path / "w.pt").write_bytes(b"flipped")
+    with pytest.raises(CheckpointError, match="w.pt \\(7 bytes\\) does not match .*checkpoints.json"):
+        files.verify("w.pt")
 
 
-def test_safetensors_holds_the_same_weights_as_the_model(tmp_path, config):
-    from staged_small_cnn.checkpoint import save_safetensors
+def test_every_file_a_run_writes_is_recorded_and_reloads_safely(tmp_path, config):
+    out = tmp_path / "run"
+    history = fit(config, out, epochs=2, device="cpu")
+    manifest = json.loads((out / "checkpoints.json").read_text())["files"]
+    written = {p.name for p in out.iterdir()} - {"checkpoints.json", "metrics.csv", "freeze_manifest.json"}
+    assert written == set(manifest), "a file of the run folder is missing from checkpoints.json"
+    for name, entry in manifest.items():
+        data = (out / name).read_bytes()
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest() and entry["size"] == len(data)
+        assert entry["torch"] == torch.__version__ and entry["format"] in {"state_dict", "safetensors", "full"}
+        assert isinstance(entry["epoch"], int) and all(isinstance(v, float) for v in entry["metric"].values())
+        if name.endswith(".safetensors"):
+            state = read_state_dict(out / name)
+        else:
+            payload = torch_load(out / name)  # weights_only=True: plain data only
+            state = read_state_dict(out / name)
+            if entry["format"] == "full":
+                assert isinstance(payload["config"], dict) and payload["config"]["train"] == config["train"]
+                assert payload["history"] == history
+                assert payload["rng"]["numpy"]["bit_generator"] == "MT19937"
+        assert state.keys() == build_model(config["model"]["num_classes"]).state_dict().keys()
+    with open(out / "metrics.csv") as f:
+        assert [float(r["val_acc"]) for r in csv.DictReader(f)] == [r["val_acc"] for r in history]
+    assert os.stat(out / "metrics.csv").st_mode & 0o044, "run files must be readable like any other file"
 
-    state = build_model(config["model"]["num_classes"]).state_dict()
-    save_safetensors(state, tmp_path / "w.safetensors", {"epoch": "0"})
-    loaded = read_state_dict(tmp_path / "w.safetensors")
-    assert loaded.keys() == state.keys()
-    assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+@pytest.mark.parametrize(("monitor", "mode"), [("val_loss", "min"), ("val_acc", "max")])
+def test_best_follows_the_monitored_metric(tmp_path, config, monitor, mode):
+    config["checkpoint"].update(monitor=monitor, mode=mode)
+    out = tmp_path / "run"
+    history = fit(config, out, epochs=3, device="cpu")
+    values = [row[monitor] for row in history]
+    best_epoch = values.index(min(values) if mode == "min" else max(values))
+    name = "best.pt"
+    entry = RunFiles(out).verify(name)
+    assert entry["epoch"] == best_epoch and entry["metric"] == {monitor: values[best_epoch]}
+
+
+def test_a_monitor_that_is_no_metric_is_refused_before_the_run_folder_exists(tmp_path, config):
+    config["checkpoint"]["monitor"] = "val_accuracy"
+    with pytest.raises(ConfigError, match="checkpoint.monitor must be one of val_acc"):
+        fit(config, tmp_path / "run", epochs=1, device="cpu")
+    assert not (tmp_path / "run").exists()
+
+
+class TiedHead(nn.Module):
+    """An embedding shared with the output layer, as language models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.out = nn.Linear(4, 10, bias=False)
+        self.out.weight = self.embed.weight
+
+
+def test_safetensors_keeps_metadata_and_stores_tied_weights_once(tmp_path):
+    from safetensors import safe_open
+
+    model = TiedHead()
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(safetensors_bytes(model.state_dict(), {"epoch": "3", "val_acc": "0.5"}))
+    with safe_open(path, framework="pt") as f:
+        assert list(f.keys()) == ["embed.weight"]
+        assert f.metadata()["epoch"] == "3" and json.loads(f.metadata()["tied"]) == {"out.weight": "embed.weight"}
+    fresh = TiedHead()
+    fresh.load_state_dict(read_state_dict(path))  # strict: both names are back
+    assert torch.equal(fresh.out.weight, model.embed.weight)
+
+
+def test_a_runs_safetensors_names_its_epoch_metric_and_config(tmp_path, config):
+    from safetensors import safe_open
+
+    from staged_small_cnn.checkpoint import config_hash
+
+    fit(config, tmp_path / "run", epochs=1, device="cpu")
+    with safe_open(tmp_path / "run" / "best.safetensors", framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["epoch"] == "0" and metadata["config_sha256"] == config_hash(config)
+    assert float(metadata[config["checkpoint"]["monitor"]]) >= 0

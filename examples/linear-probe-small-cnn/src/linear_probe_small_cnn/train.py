@@ -20,13 +20,22 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .batchnorm import fix_batchnorm
-from .checkpoint import atomic_write, load_matching, torch_load, torch_save
+from .checkpoint import RunFiles, atomic_write, load_resume, torch_bytes
+from .config import ConfigError
 from .data import make_datasets
 from .freeze import freeze
 from .layers import freeze_summary
 from .model import build_model
+from .weights import load_init
+
+try:
+    import numpy as np
+except ImportError:  # torch runs without numpy; then there is no numpy RNG to seed or keep
+    np = None
 
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "lr", "seconds")
+# Metrics best.* can be chosen by, and whether more is better.
+MONITORS = {"val_acc": "max", "val_loss": "min", "train_loss": "min"}
 BN_POLICY = "eval_frozen"
 
 
@@ -37,6 +46,8 @@ def pick_device(name: str | None = None) -> torch.device:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+    if np is not None:
+        np.random.seed(seed)
 
 
 def prepare_model(
@@ -48,8 +59,7 @@ def prepare_model(
     """
     model = build_model(config["model"]["num_classes"])
     if init is not None:
-        report = load_matching(model, init, config["init"]["min_loaded_fraction"])
-        print(report.format())
+        load_init(model, init, config["init"])
     selection = freeze(model, config["freeze"]["keep_trainable"])
     bn_fixed = fix_batchnorm(model)
     selectors = {selector: len(names) for selector, names in selection.items()}
@@ -144,11 +154,20 @@ def write_metrics(path: Path, history: list[dict[str, float]]) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    return {
+    """Every RNG a training step can draw from, as data weights_only=True loads."""
+    state: dict[str, Any] = {
         "python": random.getstate(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": None,
     }
+    if np is not None:
+        # The Generator-style dict of numpy's global RNG, its key as a tensor:
+        # a numpy array would need unsafe globals to unpickle.
+        numpy_state = np.random.get_state(legacy=False)
+        numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+        state["numpy"] = numpy_state
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -156,11 +175,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if state["numpy"] is not None and np is not None:
+        numpy_state = dict(state["numpy"])
+        numpy_state["state"] = {**numpy_state["state"], "key": numpy_state["state"]["key"].numpy().astype(np.uint32)}
+        np.random.set_state(numpy_state)
 
 
 def fit(
     config: dict,
-    out: str | Path,
+    out: str | Path | None,
     *,
     data: str = "synthetic",
     epochs: int | None = None,
@@ -173,13 +196,29 @@ def fit(
 
     `stop_after` ends this invocation after that many epochs, leaving the
     schedule planned for `epochs`: resume later with --resume.
+    `resume` is a full checkpoint or a run folder (its newest checkpoint that
+    matches checkpoints.json); `out` then defaults to that checkpoint's folder.
     """
     train_cfg = config["train"]
     epochs = epochs or train_cfg["epochs"]
     dev = pick_device(device)
     seed_everything(train_cfg["seed"])
-    checkpoint = torch_load(resume) if resume else None
     # Everything that can reject the input runs before the run folder exists.
+    monitor, mode = config["checkpoint"]["monitor"], config["checkpoint"]["mode"]
+    if monitor not in MONITORS or mode not in ("min", "max"):
+        raise ConfigError(
+            f"checkpoint.monitor must be one of {', '.join(MONITORS)} and checkpoint.mode min or max; "
+            f"got {monitor!r}, {mode!r}"
+        )
+    keep_last_k = config["checkpoint"]["keep_last_k"]
+    if keep_last_k < 0:
+        raise ConfigError(f"checkpoint.keep_last_k must be 0 or more, got {keep_last_k}")
+    checkpoint = None
+    if resume is not None:
+        resume, checkpoint = load_resume(resume)
+        out = out or resume.parent
+    if out is None:
+        raise ConfigError("no run folder: pass --out or --resume")
     model, manifest = prepare_model(
         config,
         init=init,
@@ -187,6 +226,7 @@ def fit(
     train_set, val_set = make_datasets(data, config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    files = RunFiles(out)
     print(freeze_summary(model, BN_POLICY))
 
     model.to(dev)
@@ -195,16 +235,23 @@ def fit(
     use_amp = train_cfg["amp"] and dev.type == "cuda"
     scaler = torch.amp.GradScaler(dev.type, enabled=use_amp)
     history: list[dict[str, float]] = []
-    best_acc, start = -1.0, 0
+    start = 0
+    best_value = math.inf if mode == "min" else -math.inf
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"])
-        start, best_acc, history = checkpoint["epoch"], checkpoint["best_acc"], checkpoint["history"]
+        start, history = checkpoint["epoch"] + 1, checkpoint["history"]
+        best_value = checkpoint["best_value"]
         manifest = checkpoint["freeze_manifest"]
-        print(f"resumed from {resume} at epoch {start}")
+        print(f"resumed from {resume} after epoch {start - 1}")
+        if start >= epochs and resume.name != "last.ckpt" and resume.resolve().parent == out.resolve():
+            # Killed during the final save: the newest valid file is an
+            # epoch file, and last.ckpt must not stay behind it.
+            entry = files.verify(resume.name)
+            files.save("last.ckpt", resume.read_bytes(), {k: entry[k] for k in ("epoch", "metric", "format")})
     write_json(out / "freeze_manifest.json", manifest)
 
     loader_args = {
@@ -215,8 +262,9 @@ def fit(
     val_loader = DataLoader(val_set, shuffle=False, **loader_args)
     ran = 0
     for epoch in range(start, epochs):
-        # The shuffle order depends on the epoch alone, so a resumed run
-        # sees exactly the batches an uninterrupted one would.
+        # The shuffle order depends on the seed and the epoch alone (this is
+        # the sampler's state), so a resumed run sees exactly the batches an
+        # uninterrupted one would.
         shuffle = torch.Generator().manual_seed(train_cfg["seed"] + epoch)
         train_loader = DataLoader(train_set, shuffle=True, generator=shuffle, **loader_args)
         started = time.perf_counter()
@@ -238,24 +286,44 @@ def fit(
             f"epoch {epoch}: train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
             f"val_acc {val_acc:.3f} lr {lr:.2e} ({row['seconds']:.1f}s)"
         )
-        if val_acc > best_acc:
-            best_acc = val_acc
+        value = row[monitor]
+        if value < best_value if mode == "min" else value > best_value:
+            best_value = value
+            info = {"epoch": epoch, "metric": {monitor: value}}
             state = model.state_dict()
-            torch_save(state, out / "best.pt")
+            files.save("best.pt", torch_bytes(state), {**info, "format": "state_dict"})
         checkpoint = {
-            "epoch": epoch + 1,
+            "epoch": epoch,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
             "rng": rng_state(),
-            "best_acc": best_acc,
+            "best_value": best_value,
             "history": history,
             "freeze_manifest": manifest,
             "config": config,
         }
-        torch_save(checkpoint, out / "last.ckpt")
+        metric = {"val_loss": val_loss, "val_acc": val_acc}
+        save_full(files, checkpoint, keep_last_k, {"epoch": epoch, "metric": metric})
         ran += 1
         if stop_after is not None and ran >= stop_after:
             break
     return history
+
+
+def save_full(files: RunFiles, checkpoint: dict[str, Any], keep_last_k: int, info: dict[str, Any]) -> None:
+    """last.ckpt, plus epoch-NNNN.ckpt files of which the newest keep_last_k stay.
+
+    epoch-0003.ckpt holds the state after epoch 3 (as numbered in
+    metrics.csv), so resuming from it runs epoch 4 next. An old epoch file is
+    deleted only after the new one is complete.
+    """
+    payload = torch_bytes(checkpoint)
+    info = {**info, "format": "full"}
+    if keep_last_k:
+        files.save(f"epoch-{checkpoint['epoch']:04d}.ckpt", payload, info)
+        epoch_files = sorted(name for name in files.files if name.startswith("epoch-"))
+        for name in epoch_files[:-keep_last_k]:
+            files.remove(name)
+    files.save("last.ckpt", payload, info)

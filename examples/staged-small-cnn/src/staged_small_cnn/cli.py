@@ -1,4 +1,4 @@
-"""Command line: `staged_small_cnn layers | train | evaluate`."""
+"""Command line: `staged_small_cnn layers | inspect-weights | train | evaluate | export`."""
 
 from __future__ import annotations
 
@@ -7,21 +7,25 @@ import json
 import sys
 from collections.abc import Sequence
 
+from torch import nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointError, read_state_dict
 from .config import ConfigError, load_config
 from .data import DataError, make_datasets
+from .export import FORMATS, ExportError, export
 from .freeze import FreezeSpecError
 from .layers import format_layer_table, layer_table
 from .model import build_model
 from .train import evaluate, fit, pick_device, prepare_model
+from .weights import inspect_weights
 
 # Errors that mean "your input is wrong": printed as one line, exit status 2.
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
     DataError,
     CheckpointError,
+    ExportError,
     FreezeSpecError,
 )
 
@@ -34,12 +38,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     layers = commands.add_parser("layers", help="list children, modules and parameters with their freeze state")
     layers.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
+    inspect = commands.add_parser("inspect-weights", help="plan loading a weights file as --init would, load nothing")
+    inspect.add_argument("file", help=".pt, .pth, .bin, .ckpt or .safetensors")
+
     train = commands.add_parser("train", help="fine-tune and write a run folder")
-    train.add_argument("--out", required=True, help="run folder to write")
+    train.add_argument("--out", help="run folder to write (default with --resume: the resumed run's folder)")
     train.add_argument("--epochs", type=int, help="total epochs (default: train.epochs in the config)")
     train.add_argument("--data", default="synthetic", help="'synthetic' or an image folder with train/ and val/")
     train.add_argument("--init", help="weights to start from (.pt, .pth, .bin, .ckpt, .safetensors)")
-    train.add_argument("--resume", help="last.ckpt of an earlier run to continue")
+    train.add_argument(
+        "--resume", help="a run folder (its newest checkpoint that matches checkpoints.json) or one full checkpoint"
+    )
     train.add_argument("--stop-after", type=int, help="stop this invocation after N epochs")
     train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
 
@@ -47,6 +56,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     ev.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt")
     ev.add_argument("--data", default="synthetic")
     ev.add_argument("--device")
+
+    ex = commands.add_parser("export", help="export saved weights for inference and check them against eager")
+    ex.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt")
+    ex.add_argument("--format", required=True, choices=FORMATS)
+    ex.add_argument("--out", required=True, help="file to write")
     return parser
 
 
@@ -79,14 +93,30 @@ def cmd_train(args: argparse.Namespace, config: dict) -> int:
     return 0
 
 
+def cmd_inspect_weights(args: argparse.Namespace, config: dict) -> int:
+    plan = inspect_weights(build_model(config["model"]["num_classes"]), args.file, config["init"])
+    print(plan.format())
+    minimum = config["init"]["min_loaded_fraction"]
+    if plan.fraction() < minimum:
+        print(f"train --init would refuse this file: {plan.fraction():.0%} < init.min_loaded_fraction = {minimum}")
+        return 2
+    print(f"train --init would accept this file ({plan.fraction():.0%} >= init.min_loaded_fraction = {minimum})")
+    return 0
+
+
+def trained_model(weights: str, config: dict) -> nn.Module:
+    """The plain model (no freezing, plain BatchNorm) with every tensor from `weights`."""
+    model = build_model(config["model"]["num_classes"])
+    try:
+        model.load_state_dict(read_state_dict(weights))
+    except RuntimeError as err:
+        raise CheckpointError(f"{weights} does not fit this model: {err}") from None
+    return model
+
+
 def cmd_evaluate(args: argparse.Namespace, config: dict) -> int:
     device = pick_device(args.device)
-    model = build_model(config["model"]["num_classes"])
-    state = read_state_dict(args.weights)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"{args.weights} does not fit this model: {err}") from None
+    model = trained_model(args.weights, config)
     _, val_set = make_datasets(args.data, config)
     loader = DataLoader(val_set, batch_size=config["train"]["batch_size"])
     loss, acc = evaluate(model.to(device), loader, device)
@@ -94,9 +124,22 @@ def cmd_evaluate(args: argparse.Namespace, config: dict) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, config: dict) -> int:
+    model = trained_model(args.weights, config)
+    error = export(model, args.format, args.out, config["train"]["image_size"])
+    print(f"wrote {args.out} ({args.format}); max abs difference to eager on a batch of 2: {error:.3g}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    commands = {"layers": cmd_layers, "train": cmd_train, "evaluate": cmd_evaluate}
+    commands = {
+        "layers": cmd_layers,
+        "inspect-weights": cmd_inspect_weights,
+        "train": cmd_train,
+        "evaluate": cmd_evaluate,
+        "export": cmd_export,
+    }
     try:
         config = load_config(args.config)
         return commands[args.command](args, config)
