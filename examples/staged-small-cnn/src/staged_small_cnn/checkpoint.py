@@ -187,7 +187,7 @@ def safetensors_bytes(state_dict: dict[str, torch.Tensor], metadata: dict[str, s
             tied[key] = seen[identity]
             continue
         seen[identity] = key
-        tensors[key] = value.detach().contiguous().clone()
+        tensors[key] = value.detach().contiguous()
     if tied:
         metadata = {**metadata, "tied": json.dumps(tied)}
     return save(tensors, metadata=metadata)
