@@ -291,6 +291,8 @@ def find_resumable(folder: str | Path) -> tuple[Path, dict[str, Any]]:
 def load_resume(path: str | Path) -> tuple[Path, dict[str, Any]]:
     """A checkpoint to resume from: a run folder (its newest valid checkpoint) or one file."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run folder")
     if path.is_dir():
         return find_resumable(path)
     files = RunFiles(path.parent)
