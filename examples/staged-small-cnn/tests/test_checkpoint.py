@@ -29,8 +29,9 @@ from staged_small_cnn.train import fit
 from staged_small_cnn.weights import load_init, plan_load
 
 
-def init_config(**overrides) -> dict:
-    return {"min_loaded_fraction": 0.5, "remap": [], "first_n": 0, **overrides}
+def init_config(config: dict, **overrides) -> dict:
+    """The packaged [init] section with some keys changed."""
+    return {**config["init"], **overrides}
 
 
 def test_partial_load_unwraps_strips_prefixes_and_reports_shape_mismatches(tmp_path, config):
@@ -40,7 +41,7 @@ def test_partial_load_unwraps_strips_prefixes_and_reports_shape_mismatches(tmp_p
     wrapped = {"module": {"state_dict": {f"_orig_mod.module.{k}": v for k, v in source.items()}}}
     torch.save(wrapped, tmp_path / "w.pth")
     model = build_model(num_classes)
-    plan = load_init(model, tmp_path / "w.pth", init_config())
+    plan = load_init(model, tmp_path / "w.pth", init_config(config))
     assert {key for key, _, _ in plan.mismatched} == {f"{HEAD}.weight", f"{HEAD}.bias"}
     assert not plan.missing and not plan.unexpected
     state = model.state_dict()
@@ -56,7 +57,7 @@ def test_remap_renames_keys_before_matching(tmp_path, config):
     model = build_model(config["model"]["num_classes"])
     plain = plan_load(model, read_state_dict(tmp_path / "w.bin"), "w.bin", [], 0)
     assert not plain.loaded and len(plain.unexpected) == len(source)
-    plan = load_init(model, tmp_path / "w.bin", init_config(remap=[["^backbone\\.", ""]]))
+    plan = load_init(model, tmp_path / "w.bin", init_config(config, remap=[["^backbone\\.", ""]]))
     assert plan.remapped == len(source) and plan.loaded == list(source)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in source.items())
 
@@ -75,7 +76,7 @@ def test_first_n_counts_in_the_models_order_not_the_files(tmp_path, config):
     # Written in reverse: "the first N keys of the file" would be the head.
     save_file({k: source[k].contiguous() for k in reversed(source)}, tmp_path / "w.safetensors")
     model = build_model(config["model"]["num_classes"])
-    plan = load_init(model, tmp_path / "w.safetensors", init_config(first_n=4, min_loaded_fraction=0.0))
+    plan = load_init(model, tmp_path / "w.safetensors", init_config(config, first_n=4, min_loaded_fraction=0.0))
     assert plan.loaded == list(source)[:4]
     assert plan.beyond_first_n == list(source)[4:]
 
@@ -98,7 +99,7 @@ def test_a_file_that_matches_too_little_is_refused_before_anything_loads(tmp_pat
     model = build_model(config["model"]["num_classes"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError, match="refusing to train from it"):
-        load_init(model, tmp_path / "other.pt", init_config())
+        load_init(model, tmp_path / "other.pt", init_config(config))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 

@@ -97,8 +97,9 @@ def cmd_inspect_weights(args: argparse.Namespace, config: dict) -> int:
     plan = inspect_weights(build_model(config["model"]["num_classes"]), args.file, config["init"])
     print(plan.format())
     minimum = config["init"]["min_loaded_fraction"]
-    if plan.fraction() < minimum:
-        print(f"train --init would refuse this file: {plan.fraction():.0%} < init.min_loaded_fraction = {minimum}")
+    refusal = plan.refusal(minimum)
+    if refusal is not None:
+        print(f"train --init would refuse this file: {refusal}")
         return 2
     print(f"train --init would accept this file ({plan.fraction():.0%} >= init.min_loaded_fraction = {minimum})")
     return 0

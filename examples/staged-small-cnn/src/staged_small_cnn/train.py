@@ -34,8 +34,8 @@ except ImportError:  # torch runs without numpy; then there is no numpy RNG to s
     np = None
 
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "lr", "seconds")
-# Metrics best.* can be chosen by, and whether more is better.
-MONITORS = {"val_acc": "max", "val_loss": "min", "train_loss": "min"}
+# Metrics best.* can be chosen by; checkpoint.mode says whether more is better.
+MONITORS = ("val_acc", "val_loss", "train_loss")
 BN_POLICY = "eval_all"
 
 
@@ -283,8 +283,7 @@ def fit(
         if start >= epochs and resume.name != "last.ckpt" and resume.resolve().parent == out.resolve():
             # Killed during the final save: the newest valid file is an
             # epoch file, and last.ckpt must not stay behind it.
-            entry = files.verify(resume.name)
-            files.save("last.ckpt", resume.read_bytes(), {k: entry[k] for k in ("epoch", "metric", "format")})
+            files.save("last.ckpt", resume.read_bytes(), full_info(checkpoint))
     write_json(out / "freeze_manifest.json", manifest)
 
     loader_args = {
@@ -347,15 +346,20 @@ def fit(
             "freeze_manifest": manifest,
             "config": config,
         }
-        metric = {"val_loss": val_loss, "val_acc": val_acc}
-        save_full(files, checkpoint, keep_last_k, {"epoch": epoch, "metric": metric})
+        save_full(files, checkpoint, keep_last_k)
         ran += 1
         if stop_after is not None and ran >= stop_after:
             break
     return history
 
 
-def save_full(files: RunFiles, checkpoint: dict[str, Any], keep_last_k: int, info: dict[str, Any]) -> None:
+def full_info(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """What checkpoints.json records for a full checkpoint, read off the checkpoint itself."""
+    last = checkpoint["history"][-1]
+    return {"epoch": checkpoint["epoch"], "metric": {k: last[k] for k in ("val_loss", "val_acc")}, "format": "full"}
+
+
+def save_full(files: RunFiles, checkpoint: dict[str, Any], keep_last_k: int) -> None:
     """last.ckpt, plus epoch-NNNN.ckpt files of which the newest keep_last_k stay.
 
     epoch-0003.ckpt holds the state after epoch 3 (as numbered in
@@ -363,7 +367,7 @@ def save_full(files: RunFiles, checkpoint: dict[str, Any], keep_last_k: int, inf
     deleted only after the new one is complete.
     """
     payload = torch_bytes(checkpoint)
-    info = {**info, "format": "full"}
+    info = full_info(checkpoint)
     if keep_last_k:
         files.save(f"epoch-{checkpoint['epoch']:04d}.ckpt", payload, info)
         epoch_files = sorted(name for name in files.files if name.startswith("epoch-"))

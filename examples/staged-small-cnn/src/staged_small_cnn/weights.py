@@ -39,6 +39,15 @@ class LoadPlan:
     def fraction(self) -> float:
         return len(self.tensors) / max(len(self.model_keys), 1)
 
+    def refusal(self, min_loaded_fraction: float) -> str | None:
+        """Why `train --init` refuses this plan, or None when it accepts it."""
+        if self.fraction() >= min_loaded_fraction:
+            return None
+        return (
+            f"only {self.fraction():.0%} of the model's tensors load from {self.source}; refusing to train from it "
+            f"(init.min_loaded_fraction = {min_loaded_fraction})"
+        )
+
     def rows(self) -> list[tuple[str, str]]:
         """(what happened, keys) pairs; runs of keys under one module collapse to `prefix.*`."""
         universe = self.model_keys + self.unexpected
@@ -147,11 +156,10 @@ def load_init(model: nn.Module, path: str | Path, init_config: dict) -> LoadPlan
     """Plan, print, check the plan against init.min_loaded_fraction, then load."""
     plan = inspect_weights(model, path, init_config)
     print(plan.format())
-    minimum = init_config["min_loaded_fraction"]
-    if plan.fraction() < minimum:
+    refusal = plan.refusal(init_config["min_loaded_fraction"])
+    if refusal is not None:
         raise CheckpointError(
-            f"only {plan.fraction():.0%} of the model's tensors load from {path}; refusing to train from it "
-            f"(init.min_loaded_fraction = {minimum}). The table above shows what did not match: "
+            f"{refusal}. The table above shows what did not match: "
             "init.remap renames keys, a lower min_loaded_fraction accepts a partial file on purpose."
         )
     # strict=False is safe here: the plan has already named every key it skips.
