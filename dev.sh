@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One entry point for a fresh machine: makes .venv on first use, then
-#   ./dev.sh demo   render a project with default answers, train it on
-#                   synthetic data and show its freeze report
-#   ./dev.sh test   run the template's test suite (extra args go to pytest)
+# One entry point for a fresh machine: makes .venv and .tools on first use, then
+#   ./dev.sh install  only that
+#   ./dev.sh demo     render a project with default answers, train it on
+#                     synthetic data and show its freeze report
+#   ./dev.sh test     run the template's test suite, .venv/bin/python -m pytest
+#                     (extra args go to pytest)
 set -euo pipefail
 cd "$(dirname "$0")"
 venv="${FREEZE_VENV:-.venv}"
@@ -22,6 +24,8 @@ fi
 export PATH="$PWD/$venv/bin:$PATH"
 
 case "${1:-}" in
+  install)
+    ;;
   demo)
     rm -rf demo
     freeze-scaffold new demo
@@ -36,7 +40,7 @@ case "${1:-}" in
     python -m pytest "$@"
     ;;
   *)
-    echo "usage: ./dev.sh demo | test [pytest args]" >&2
+    echo "usage: ./dev.sh install | demo | test [pytest args]" >&2
     exit 2
     ;;
 esac
