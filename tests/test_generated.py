@@ -101,7 +101,19 @@ def test_user_flow_resnet18_pattern_with_init(user_venv, render_project, tmp_pat
     for key in manifest["frozen"]:
         assert torch.equal(best[key], init[key]), key
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert rows[0] == "epoch,train_loss,val_loss,val_acc,lr,seconds" and len(rows) == 3
+    header = "epoch,train_loss,val_loss,val_acc,lr,seconds,train_acc,images_per_s,trainable_params"
+    assert rows[0] == header and len(rows) == 3
+
+    # The console script under torchrun: two gloo processes, rank 0 alone writes.
+    ddp = tmp_path / "runs" / "ddp"
+    torchrun = [str(user_venv / "bin" / "python"), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = ["train", "--epochs", "1", "--device", "cpu", "--out", str(ddp), "--init", str(tmp_path / "init.pt")]
+    proc = subprocess.run([*torchrun, "--no-python", demo, *args], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("epoch 0: train_loss") == 1
+    best = torch.load(ddp / "best.pt", weights_only=True)
+    for key in manifest["frozen"]:
+        assert torch.equal(best[key], init[key]), key
 
 
 @pytest.mark.slow

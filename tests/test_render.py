@@ -30,12 +30,18 @@ def expected_files(row: dict, package: str) -> set[str]:
         *(
             f"{src}/{m}.py"
             for m in (
-                *("__init__", "__main__", "checkpoint", "cli", "config", "data"),
-                *("export", "layers", "model", "train", "weights"),
+                *("__init__", "__main__", "checkpoint", "cli", "config", "data", "distributed"),
+                *("export", "layers", "model", "plot", "train", "weights"),
             )
         ),
         f"{src}/config.toml",
-        *(f"tests/{t}.py" for t in ("conftest", "test_checkpoint", "test_cuda", "test_export", "test_train")),
+        *(
+            f"tests/{t}.py"
+            for t in (
+                *("conftest", "test_checkpoint", "test_cuda", "test_ddp"),
+                *("test_export", "test_feedback", "test_train"),
+            )
+        ),
     }
     if row["freeze_by"] != "none":
         files |= {f"{src}/freeze.py", "tests/test_freeze.py"}

@@ -203,7 +203,8 @@ def test_every_file_a_run_writes_is_recorded_and_reloads_safely(tmp_path, config
             if entry["format"] == "full":
                 assert isinstance(payload["config"], dict) and payload["config"]["train"] == config["train"]
                 assert payload["history"] == history
-                assert payload["rng"]["numpy"]["bit_generator"] == "MT19937"
+                assert len(payload["rng"]) == 1, "one RNG state per process"
+                assert payload["rng"][0]["numpy"]["bit_generator"] == "MT19937"
         assert state.keys() == build_model(config["model"]["num_classes"]).state_dict().keys()
     with open(out / "metrics.csv") as f:
         assert [float(r["val_acc"]) for r in csv.DictReader(f)] == [r["val_acc"] for r in history]

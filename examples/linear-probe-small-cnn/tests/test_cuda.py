@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import to_toml
 
-from linear_probe_small_cnn.checkpoint import read_state_dict
+import linear_probe_small_cnn
+from linear_probe_small_cnn.checkpoint import RunFiles, read_state_dict
 from linear_probe_small_cnn.model import build_model
 from linear_probe_small_cnn.train import fit
 
@@ -23,3 +29,36 @@ def test_cuda_run_with_amp_keeps_frozen_tensors(tmp_path, config):
     final = read_state_dict(tmp_path / "run" / "last.ckpt")
     for name in manifest["frozen"]:
         assert torch.equal(final[name].cpu(), init[name]), name
+
+
+@pytest.mark.cuda
+def test_torchrun_trains_on_every_gpu_with_nccl(tmp_path, config):
+    """One process per GPU (one GPU is enough), AMP on, SyncBatchNorm for the BN that trains."""
+    gpus = torch.cuda.device_count()
+    config["train"]["sync_bn"] = True
+    config["train"]["batch_size"] = 16 * gpus
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(to_toml(config))
+    out = tmp_path / "run"
+    src = Path(linear_probe_small_cnn.__file__).parents[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
+    command += ["-m", "linear_probe_small_cnn", "--config", str(config_file), "train", "--out", str(out)]
+    command += ["--epochs", "2", "--device", "cuda"]
+    env = {**os.environ, "PYTHONPATH": str(src), "CI": "true"}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("epoch 1: train_loss") == 1
+    files = RunFiles(out)
+    for name in files.files:
+        files.verify(name)
+    assert (out / "metrics.csv").read_text().count("\n") == 3
+
+
+@pytest.mark.cuda
+def test_a_cpu_run_resumes_on_the_gpu(tmp_path, config):
+    """The CPU run saved no GradScaler state (no AMP there); the GPU resume starts the scaler fresh."""
+    out = tmp_path / "run"
+    fit(config, out, epochs=2, stop_after=1, device="cpu")
+    history = fit(config, None, epochs=2, resume=out, device="cuda")
+    assert [row["epoch"] for row in history] == [0, 1]
+    assert torch.load(out / "last.ckpt", weights_only=True)["scaler"], "the GPU epoch saved its scaler"

@@ -158,5 +158,6 @@ def test_sigkill_mid_save_leaves_a_resumable_run(tmp_path, config, config_file, 
         torch_load(out / "last.ckpt")  # whatever is there is a whole file
     entries = json.loads((out / "checkpoints.json").read_text())["files"]
     assert entries, "nothing was recorded before the kill"
-    assert main(["--config", str(config_file), "train", "--resume", str(out), "--epochs", str(EPOCHS)]) == 0
+    resume = ["--config", str(config_file), "train", "--resume", str(out), "--epochs", str(EPOCHS), "--device", "cpu"]
+    assert main(resume) == 0
     assert_same_weights(straight["model"], torch_load(out / "last.ckpt")["model"])

@@ -69,7 +69,7 @@ def test_layers_lists_children_modules_and_parameters(capsys, config_file):
     assert any(m["name"] == HEAD for m in table["modules"])
     states = {p["state"] for p in table["parameters"]}
     assert states <= {"frozen", "trainable"}
-    assert states == {'frozen', 'trainable'}
+    assert states == {"frozen", "trainable"}
 
 
 def test_evaluate_reports_accuracy_of_saved_weights(tmp_path, config, config_file, capsys):

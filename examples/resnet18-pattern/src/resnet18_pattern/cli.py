@@ -1,4 +1,4 @@
-"""Command line: `resnet18_pattern layers | inspect-weights | train | evaluate | export`."""
+"""Command line: `resnet18_pattern layers | inspect-weights | train | evaluate | export | plot`."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from torch.utils.data import DataLoader
 from .checkpoint import CheckpointError, read_state_dict
 from .config import ConfigError, load_config
 from .data import DataError, make_datasets
+from .distributed import pick_device, stop
 from .export import FORMATS, ExportError, export
 from .freeze import FreezeSpecError
 from .layers import format_layer_table, layer_table
 from .model import PretrainedWeightsError, build_model
-from .train import evaluate, fit, pick_device, prepare_model
+from .plot import PlotError, plot_run
+from .train import evaluate, fit, prepare_model
 from .weights import inspect_weights
 
 # Errors that mean "your input is wrong": printed as one line, exit status 2.
@@ -26,6 +28,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     DataError,
     CheckpointError,
     ExportError,
+    PlotError,
     FreezeSpecError,
     PretrainedWeightsError,
 )
@@ -62,6 +65,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     ex.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt")
     ex.add_argument("--format", required=True, choices=FORMATS)
     ex.add_argument("--out", required=True, help="file to write")
+
+    plot = commands.add_parser("plot", help="draw a run folder's metrics.csv as DIR/curves.png")
+    plot.add_argument("dir", help="run folder")
     return parser
 
 
@@ -81,16 +87,19 @@ def cmd_layers(args: argparse.Namespace, config: dict) -> int:
 
 
 def cmd_train(args: argparse.Namespace, config: dict) -> int:
-    fit(
-        config,
-        args.out,
-        data=args.data,
-        epochs=args.epochs,
-        init=args.init,
-        resume=args.resume,
-        stop_after=args.stop_after,
-        device=args.device,
-    )
+    try:
+        fit(
+            config,
+            args.out,
+            data=args.data,
+            epochs=args.epochs,
+            init=args.init,
+            resume=args.resume,
+            stop_after=args.stop_after,
+            device=args.device,
+        )
+    finally:
+        stop()  # under torchrun: leave the process group cleanly
     return 0
 
 
@@ -133,6 +142,11 @@ def cmd_export(args: argparse.Namespace, config: dict) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace, config: dict) -> int:
+    print(f"wrote {plot_run(args.dir)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     commands = {
@@ -141,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": cmd_train,
         "evaluate": cmd_evaluate,
         "export": cmd_export,
+        "plot": cmd_plot,
     }
     try:
         config = load_config(args.config)

@@ -1,0 +1,155 @@
+"""torchrun with 2 gloo processes on CPU: the ranks agree and rank 0 alone writes; with
+every BatchNorm fixed, the result equals one process on the same global batch."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import to_toml
+
+import staged_small_cnn
+from staged_small_cnn import train
+from staged_small_cnn.checkpoint import RunFiles
+from staged_small_cnn.train import fit
+
+SRC = Path(staged_small_cnn.__file__).parents[1]
+PROCESSES = 2
+
+# Runs fit() in each process torchrun starts and saves that rank's final
+# weights and buffers, so the test can compare ranks with each other.
+HARNESS = textwrap.dedent(
+    """
+    import json, os, sys
+
+    import torch
+
+    from staged_small_cnn import train
+    from staged_small_cnn.distributed import stop
+
+    config, out, dump, options = json.loads(sys.argv[1]), sys.argv[2] or None, sys.argv[3], json.loads(sys.argv[4])
+    models = []
+    prepare = train.prepare_model
+
+    def keep(*args, **kwargs):
+        model, manifest = prepare(*args, **kwargs)
+        models.append(model)
+        return model, manifest
+
+    train.prepare_model = keep
+    train.fit(config, out, device="cpu", **options)
+    torch.save(models[0].state_dict(), os.path.join(dump, "rank" + os.environ["RANK"] + ".pt"))
+    stop()
+    """
+)
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "CI": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={PROCESSES}", *args]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def ddp_fit(tmp_path: Path, config: dict, out: Path | None, **options) -> list[dict[str, torch.Tensor]]:
+    """fit() under torchrun; every rank's final state_dict, in rank order."""
+    harness, dump = tmp_path / "harness.py", tmp_path / "ranks"
+    harness.write_text(HARNESS)
+    dump.mkdir(exist_ok=True)
+    torchrun(str(harness), json.dumps(config), str(out or ""), str(dump), json.dumps(options))
+    return [torch.load(dump / f"rank{rank}.pt", weights_only=True) for rank in range(PROCESSES)]
+
+
+@pytest.fixture
+def config(config: dict) -> dict:
+    # Unfreeze in the second epoch: DDP must be rebuilt around the new tensors.
+    config["freeze"]["unfreeze_at_epoch"] = 1
+    # 16 samples per process and step; both datasets split evenly over the ranks.
+    config["data"].update(synthetic_train_size=128, synthetic_val_size=64)
+    return config
+
+
+def test_every_rank_ends_with_identical_weights(tmp_path, config):
+    out = tmp_path / "run"
+    # Stop after one epoch and resume: every rank reads rank 0's checkpoint.
+    ddp_fit(tmp_path, config, out, stop_after=1)
+    ranks = ddp_fit(tmp_path, config, None, resume=str(out))
+    assert ranks[0].keys() == ranks[1].keys()
+    for key, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][key]), f"{key} differs between rank 0 and rank 1"
+    saved = torch.load(out / "last.ckpt", weights_only=True)
+    assert saved["epoch"] == config["train"]["epochs"] - 1 and len(saved["rng"]) == PROCESSES
+    for key, value in ranks[0].items():
+        assert torch.equal(value, saved["model"][key]), key
+
+
+def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, config, monkeypatch):
+    models = []
+    prepare = train.prepare_model
+
+    def keep(*args, **kwargs):
+        model, manifest = prepare(*args, **kwargs)
+        models.append(model)
+        return model, manifest
+
+    monkeypatch.setattr(train, "prepare_model", keep)
+    fit(config, tmp_path / "single", device="cpu")
+    single = models[0]
+    # The premise: BatchNorm normalises with fixed statistics even in train mode,
+    # so splitting a batch over processes cannot change what it computes.
+    single.train()
+    assert not any(m.training for m in single.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+
+    rank0 = ddp_fit(tmp_path, config, tmp_path / "ddp")[0]
+    for key, value in single.state_dict().items():
+        # Gradients are summed in another order, and Adam's normalised step
+        # turns that rounding into a few % of one lr step at most (measured:
+        # 4e-5 with lr 1e-3). A wrong split of the batch moves weights by
+        # whole steps.
+        torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
+    # Losses and accuracy are summed over both ranks' shares: the same numbers.
+    for x, y in zip(metrics(tmp_path / "single"), metrics(tmp_path / "ddp"), strict=True):
+        assert x == pytest.approx(y, rel=1e-4)
+
+
+def metrics(run: Path) -> list[dict[str, float]]:
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    return [{key: float(row[key]) for key in ("train_loss", "train_acc", "val_loss", "val_acc")} for row in rows]
+
+
+def test_torchrun_runs_the_cli_and_only_rank_0_writes(tmp_path, config):
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(to_toml(config))
+    out = tmp_path / "run"
+    args = ["--config", str(config_file), "train", "--out", str(out), "--epochs", "1", "--device", "cpu"]
+    proc = torchrun("-m", "staged_small_cnn", *args)
+    assert proc.stdout.count("trainable ") == 1, "the freeze summary must be printed once, by rank 0"
+    assert proc.stdout.count("epoch 0: train_loss") == 1
+    files = RunFiles(out)
+    for name in files.files:
+        files.verify(name)
+    assert not list(out.glob(".*.tmp")), "no temp file may be left behind"
+    assert (out / "metrics.csv").read_text().count("\n") == 2
+
+
+def test_sync_bn_is_refused_on_cpu_before_anything_is_written(tmp_path, config):
+    config["train"]["sync_bn"] = True
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(to_toml(config))
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={PROCESSES}"]
+    command += ["-m", "staged_small_cnn", "--config", str(config_file), "train", "--out", str(out), "--device", "cpu"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0
+    assert "train.sync_bn needs CUDA" in proc.stderr
+    assert not out.exists()
