@@ -81,11 +81,13 @@ def test_render_has_no_jinja_left_and_the_expected_files(renders, row):
 
 
 def test_every_render_is_ruff_clean(renders):
+    """Lint-clean and already formatted: `ruff format` on a fresh project changes nothing."""
     projects = [str(project) for _, project in renders.values()]
-    proc = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "--no-cache", *projects], capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for command in (["check"], ["format", "--check"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "ruff", *command, "--no-cache", *projects], capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_generated_code_never_imports_scaffold(renders):

@@ -16,11 +16,8 @@ def fixed_modules(model, manifest):
 
 
 def snapshot(modules):
-    return {
-        f"{name}.{key}": value.clone()
-        for name, module in modules.items()
-        for key, value in module.state_dict().items()
-    }
+    states = {name: module.state_dict() for name, module in modules.items()}
+    return {f"{name}.{key}": value.clone() for name, state in states.items() for key, value in state.items()}
 
 
 def test_fixed_layers_stay_fixed_across_train_calls(config):

@@ -262,7 +262,7 @@ def _strip_prefixes(key: str) -> str:
         stripped = False
         for prefix in PREFIXES:
             if key.startswith(prefix):
-                key, stripped = key[len(prefix):], True
+                key, stripped = key.removeprefix(prefix), True
     return key
 
 

@@ -23,10 +23,8 @@ def select_frozen(model: nn.Module, keep_trainable: list[str]) -> dict[str, list
     known = _module_and_parameter_names(model)
     for name in keep_trainable:
         if name not in known:
-            raise FreezeSpecError(
-                f"freeze.keep_trainable: {name!r} is not a module or parameter of the model"
-                f"{_closest(name, known)}"
-            )
+            near = _closest(name, known)
+            raise FreezeSpecError(f"freeze.keep_trainable: {name!r} is not a module or parameter of the model{near}")
     frozen = [p for p in params if not any(_inside(p, keep) for keep in keep_trainable)]
     return {"all but " + ", ".join(keep_trainable): frozen}
 
@@ -43,10 +41,8 @@ def freeze(model: nn.Module, spec: list[str]) -> dict[str, list[str]]:
         raise FreezeSpecError(f"the freeze spec selects no parameter ({empty} hold none)")
     params = dict(model.named_parameters())
     if len(frozen) == len(params):
-        raise FreezeSpecError(
-            "the freeze spec freezes every parameter, so nothing would train; "
-            "leave at least the head out of it"
-        )
+        message = "the freeze spec freezes every parameter, so nothing would train; leave at least the head out of it"
+        raise FreezeSpecError(message)
     for name, param in params.items():
         param.requires_grad_(name not in frozen)
         if name in frozen:

@@ -105,7 +105,7 @@ def compile_remap(remap: list) -> list[tuple[re.Pattern[str], str]]:
     rules = []
     for rule in remap:
         if not (isinstance(rule, list) and len(rule) == 2 and all(isinstance(part, str) for part in rule)):
-            raise ConfigError(f'init.remap: each rule is a [pattern, replacement] pair of strings, got {rule!r}')
+            raise ConfigError(f"init.remap: each rule is a [pattern, replacement] pair of strings, got {rule!r}")
         try:
             rules.append((re.compile(rule[0]), rule[1]))
         except re.error as err:
@@ -113,9 +113,7 @@ def compile_remap(remap: list) -> list[tuple[re.Pattern[str], str]]:
     return rules
 
 
-def plan_load(
-    model: nn.Module, source: dict[str, torch.Tensor], name: str, remap: list, first_n: int
-) -> LoadPlan:
+def plan_load(model: nn.Module, source: dict[str, torch.Tensor], name: str, remap: list, first_n: int) -> LoadPlan:
     """Which tensors of `source` fill which of the model's, and why the rest do not.
 
     `first_n` > 0 keeps only the first N loadable keys in the model's own

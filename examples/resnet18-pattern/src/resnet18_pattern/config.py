@@ -43,9 +43,7 @@ def load_config(path: str | Path | None = None) -> Config:
             raise ConfigError(f"{path}: unknown section [{section}]{_near(section, config)}")
         for key, value in values.items():
             if key not in config[section]:
-                raise ConfigError(
-                    f"{path}: unknown key {section}.{key}{_near(key, config[section])}"
-                )
+                raise ConfigError(f"{path}: unknown key {section}.{key}{_near(key, config[section])}")
             _check_type(f"{section}.{key}", value, config[section][key], path)
             merged[section][key] = value
     return merged
@@ -54,21 +52,15 @@ def load_config(path: str | Path | None = None) -> Config:
 def _check_type(name: str, value: Any, default: Any, path: Path) -> None:
     expected = type(default)
     # An int is a fine float (lr = 1 is 1.0); a bool is never an int.
-    ok = isinstance(value, expected) and not (
-        isinstance(value, bool) and expected is not bool
-    )
+    ok = isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
     ok = ok or (expected is float and isinstance(value, int) and not isinstance(value, bool))
     if not ok:
-        raise ConfigError(
-            f"{path}: {name} must be {expected.__name__}, got {value!r}"
-        )
+        raise ConfigError(f"{path}: {name} must be {expected.__name__}, got {value!r}")
     if expected is list and default:
         item_type = type(default[0])
         bad = [v for v in value if not isinstance(v, item_type) or isinstance(v, bool)]
         if bad:
-            raise ConfigError(
-                f"{path}: {name} must list {item_type.__name__} values, got {bad[0]!r}"
-            )
+            raise ConfigError(f"{path}: {name} must list {item_type.__name__} values, got {bad[0]!r}")
 
 
 def _near(word: str, known: dict[str, Any]) -> str:

@@ -46,10 +46,7 @@ def image_folder_datasets(root: str | Path, image_size: int, num_classes: int) -
     try:
         from torchvision import datasets, transforms
     except ImportError:
-        raise DataError(
-            "reading an image folder needs torchvision: "
-            "pip install 'resnet18-pattern[images]'"
-        ) from None
+        raise DataError("reading an image folder needs torchvision: pip install -e '.[images]'") from None
     root = Path(root)
     for split in ("train", "val"):
         if not (root / split).is_dir():
@@ -59,18 +56,22 @@ def image_folder_datasets(root: str | Path, image_size: int, num_classes: int) -
             )
     normalize = transforms.Normalize(MEAN, STD)
     # Train-time augmentation: random crops of 35-100% of the image and flips.
-    train_tf = transforms.Compose([
-        transforms.RandomResizedCrop(image_size, scale=(0.35, 1.0)),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        normalize,
-    ])
-    val_tf = transforms.Compose([
-        transforms.Resize(round(image_size * 256 / 224)),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        normalize,
-    ])
+    train_tf = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size, scale=(0.35, 1.0)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
+    val_tf = transforms.Compose(
+        [
+            transforms.Resize(round(image_size * 256 / 224)),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
     train = datasets.ImageFolder(root / "train", transform=train_tf)
     val = datasets.ImageFolder(root / "val", transform=val_tf)
     if train.classes != val.classes:

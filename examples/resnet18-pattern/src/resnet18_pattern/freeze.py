@@ -38,9 +38,7 @@ def select_frozen(model: nn.Module, patterns: list[str]) -> dict[str, list[str]]
             matched = [p for p in params if fnmatch.fnmatchcase(p, pattern)]
         if not matched:
             body = pattern.removeprefix("re:")
-            raise FreezeSpecError(
-                f"freeze.patterns: {pattern!r} matches no parameter{_closest(body, suggestions)}"
-            )
+            raise FreezeSpecError(f"freeze.patterns: {pattern!r} matches no parameter{_closest(body, suggestions)}")
         selection[pattern] = matched
     return selection
 
@@ -57,10 +55,8 @@ def freeze(model: nn.Module, spec: list[str]) -> dict[str, list[str]]:
         raise FreezeSpecError(f"the freeze spec selects no parameter ({empty} hold none)")
     params = dict(model.named_parameters())
     if len(frozen) == len(params):
-        raise FreezeSpecError(
-            "the freeze spec freezes every parameter, so nothing would train; "
-            "leave at least the head out of it"
-        )
+        message = "the freeze spec freezes every parameter, so nothing would train; leave at least the head out of it"
+        raise FreezeSpecError(message)
     for name, param in params.items():
         param.requires_grad_(name not in frozen)
         if name in frozen:

@@ -72,8 +72,6 @@ def freeze_summary(model: nn.Module, bn_policy: str) -> str:
     lines = format_rows(table["children"], ["index", "name", "type", "params", "state"])
     total = parameter_count(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    lines.append(
-        f"trainable {trainable:,} of {total:,} parameters ({trainable / total:.1%}); "
-        f"BatchNorm policy: {bn_policy}"
-    )
+    share = f"{trainable / total:.1%}"
+    lines.append(f"trainable {trainable:,} of {total:,} parameters ({share}); BatchNorm policy: {bn_policy}")
     return "\n".join(lines)

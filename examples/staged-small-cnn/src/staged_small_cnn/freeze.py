@@ -24,10 +24,8 @@ def select_frozen(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
     selection = {}
     for name in names:
         if name not in known:
-            raise FreezeSpecError(
-                f"freeze.names: {name!r} is not a module or parameter of the model"
-                f"{_closest(name, known)}"
-            )
+            near = _closest(name, known)
+            raise FreezeSpecError(f"freeze.names: {name!r} is not a module or parameter of the model{near}")
         selection[name] = [p for p in params if _inside(p, name)]
     return selection
 
@@ -44,10 +42,8 @@ def freeze(model: nn.Module, spec: list[str]) -> dict[str, list[str]]:
         raise FreezeSpecError(f"the freeze spec selects no parameter ({empty} hold none)")
     params = dict(model.named_parameters())
     if len(frozen) == len(params):
-        raise FreezeSpecError(
-            "the freeze spec freezes every parameter, so nothing would train; "
-            "leave at least the head out of it"
-        )
+        message = "the freeze spec freezes every parameter, so nothing would train; leave at least the head out of it"
+        raise FreezeSpecError(message)
     for name, param in params.items():
         param.requires_grad_(name not in frozen)
         if name in frozen:
