@@ -386,10 +386,11 @@ def fit(
             manifest = freeze_manifest(model, manifest["selectors"], manifest["bn_fixed"])
             if world.main:
                 write_json(out / "freeze_manifest.json", manifest)
-                count = sum(p.numel() for n, p in model.named_parameters() if n in set(names))
+                released = set(names)
+                size = sum(p.numel() for name, p in model.named_parameters() if name in released)
                 print(
                     f"epoch {epoch}: freeze.unfreeze_at_epoch = {unfreeze_at} reached; {len(names)} tensors "
-                    f"({count:,} parameters) now train in param group 'unfrozen' at "
+                    f"({size:,} parameters) now train in param group 'unfrozen' at "
                     f"lr x {config['freeze']['unfreeze_lr_mult']}"
                 )
         sampler.set_epoch(epoch)
