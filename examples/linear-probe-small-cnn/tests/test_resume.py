@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import small_config
+from conftest import child_env, small_config
 
-import linear_probe_small_cnn
 from linear_probe_small_cnn.checkpoint import CheckpointError, RunFiles, torch_load
 from linear_probe_small_cnn.cli import main
 from linear_probe_small_cnn.train import fit, rng_state, set_rng_state
@@ -149,10 +146,8 @@ def test_sigkill_mid_save_leaves_a_resumable_run(tmp_path, config, config_file, 
     killer = tmp_path / "killer.py"
     killer.write_text(KILLER)
     args = ["--config", str(config_file), "train", "--out", str(out), "--epochs", str(EPOCHS), "--device", "cpu"]
-    # The package, installed or not, importable from the child too.
-    path = os.pathsep.join([str(Path(linear_probe_small_cnn.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])
     command = [sys.executable, str(killer), point, str(when), *args]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
+    done = subprocess.run(command, capture_output=True, text=True, env=child_env())
     assert done.returncode == -signal.SIGKILL, done.stdout + done.stderr
     if (out / "last.ckpt").exists():
         torch_load(out / "last.ckpt")  # whatever is there is a whole file

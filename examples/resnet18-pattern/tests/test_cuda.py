@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import to_toml
+from conftest import to_toml, torchrun
 
-import resnet18_pattern
 from resnet18_pattern.checkpoint import RunFiles, read_state_dict
 from resnet18_pattern.model import build_model
 from resnet18_pattern.train import fit
@@ -40,13 +35,8 @@ def test_torchrun_trains_on_every_gpu_with_nccl(tmp_path, config):
     config_file = tmp_path / "config.toml"
     config_file.write_text(to_toml(config))
     out = tmp_path / "run"
-    src = Path(resnet18_pattern.__file__).parents[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
-    command += ["-m", "resnet18_pattern", "--config", str(config_file), "train", "--out", str(out)]
-    command += ["--epochs", "2", "--device", "cuda"]
-    env = {**os.environ, "PYTHONPATH": str(src), "CI": "true"}
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = ["--config", str(config_file), "train", "--out", str(out), "--epochs", "2", "--device", "cuda"]
+    proc = torchrun("-m", "resnet18_pattern", *args, processes=gpus)
     assert proc.stdout.count("epoch 1: train_loss") == 1
     files = RunFiles(out)
     for name in files.files:

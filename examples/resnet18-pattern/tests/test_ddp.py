@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import to_toml
+from conftest import to_toml, torchrun
 
-import resnet18_pattern
 from resnet18_pattern.checkpoint import RunFiles
 
-SRC = Path(resnet18_pattern.__file__).parents[1]
 PROCESSES = 2
 
 # Runs fit() in each process torchrun starts and saves that rank's final
@@ -47,21 +42,12 @@ HARNESS = textwrap.dedent(
 )
 
 
-def torchrun(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(SRC), "CI": "true", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={PROCESSES}", *args]
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
 def ddp_fit(tmp_path: Path, config: dict, out: Path | None, **options) -> list[dict[str, torch.Tensor]]:
     """fit() under torchrun; every rank's final state_dict, in rank order."""
     harness, dump = tmp_path / "harness.py", tmp_path / "ranks"
     harness.write_text(HARNESS)
     dump.mkdir(exist_ok=True)
-    torchrun(str(harness), json.dumps(config), str(out or ""), str(dump), json.dumps(options))
+    torchrun(str(harness), json.dumps(config), str(out or ""), str(dump), json.dumps(options), processes=PROCESSES)
     return [torch.load(dump / f"rank{rank}.pt", weights_only=True) for rank in range(PROCESSES)]
 
 
@@ -86,12 +72,10 @@ def test_every_rank_ends_with_identical_weights(tmp_path, config):
         assert torch.equal(value, saved["model"][key]), key
 
 
-def test_torchrun_runs_the_cli_and_only_rank_0_writes(tmp_path, config):
-    config_file = tmp_path / "config.toml"
-    config_file.write_text(to_toml(config))
+def test_torchrun_runs_the_cli_and_only_rank_0_writes(tmp_path, config_file):
     out = tmp_path / "run"
     args = ["--config", str(config_file), "train", "--out", str(out), "--epochs", "1", "--device", "cpu"]
-    proc = torchrun("-m", "resnet18_pattern", *args)
+    proc = torchrun("-m", "resnet18_pattern", *args, processes=PROCESSES)
     assert proc.stdout.count("trainable ") == 1, "the freeze summary must be printed once, by rank 0"
     assert proc.stdout.count("epoch 0: train_loss") == 1
     files = RunFiles(out)
@@ -107,7 +91,7 @@ def test_sync_bn_is_refused_on_cpu_before_anything_is_written(tmp_path, config):
     config_file.write_text(to_toml(config))
     out = tmp_path / "run"
     args = ["--config", str(config_file), "train", "--out", str(out), "--device", "cpu"]
-    proc = torchrun("-m", "resnet18_pattern", *args, check=False)
+    proc = torchrun("-m", "resnet18_pattern", *args, processes=PROCESSES, check=False)
     assert proc.returncode != 0
     assert "train.sync_bn needs CUDA" in proc.stderr
     assert not out.exists()

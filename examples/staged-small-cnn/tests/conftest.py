@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import staged_small_cnn
 from staged_small_cnn.config import load_config
+
+# The folder holding the package, installed or not, for child processes.
+SRC = Path(staged_small_cnn.__file__).parents[1]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -48,3 +55,19 @@ def config_file(tmp_path: Path, config: dict) -> Path:
     path = tmp_path / "config.toml"
     path.write_text(to_toml(config))
     return path
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """os.environ for a child process that must import the package too."""
+    path = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def torchrun(*args: str, processes: int, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run` on this machine with `processes` workers."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *args]
+    env = child_env(CI="true", OMP_NUM_THREADS="1")
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
