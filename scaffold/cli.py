@@ -25,6 +25,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     layers = commands.add_parser("layers", help="print a backbone's layer table before generating")
     layers.add_argument("backbone", help="a backbone answer, e.g. small_cnn or resnet18")
     layers.add_argument("--json", action="store_true")
+    layers.add_argument(
+        "--spec", action="append", metavar="SELECTORS", help="dry run of a freeze spec on the backbone (repeatable)"
+    )
 
     matrix = commands.add_parser("matrix", help="render a pairwise set of answers and run each project's tests")
     matrix.add_argument("--out", help="keep the rendered projects here (default: a temp dir)")
@@ -46,6 +49,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
         project = render(Path(tmp) / "p", {"backbone": args.backbone, "freeze_by": "none", "bn_policy": "train"})
         env = {**os.environ, "PYTHONPATH": str(project / "src")}
         command = [sys.executable, "-m", package_name(project), "layers"] + (["--json"] if args.json else [])
+        command += [arg for spec in args.spec or [] for arg in ("--spec", spec)]
         return subprocess.run(command, env=env).returncode
 
 

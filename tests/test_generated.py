@@ -131,5 +131,5 @@ def test_user_flow_misspelled_name_fails_before_the_run_folder(user_venv, render
         env=env,
     )
     assert proc.returncode == 2
-    assert "'blokc1' is not a module or parameter of the model; closest: block1" in proc.stderr
+    assert "'blokc1' matches no module or parameter; closest: block1" in proc.stderr
     assert not out.exists()

@@ -30,25 +30,19 @@ def expected_files(row: dict, package: str) -> set[str]:
         *(
             f"{src}/{m}.py"
             for m in (
-                *("__init__", "__main__", "checkpoint", "cli", "config", "data", "distributed"),
-                *("export", "layers", "model", "plot", "train", "weights"),
+                *("__init__", "__main__", "batchnorm", "checkpoint", "cli", "config", "data"),
+                *("distributed", "export", "freeze", "layers", "model", "plot", "train", "weights"),
             )
         ),
         f"{src}/config.toml",
         *(
             f"tests/{t}.py"
             for t in (
-                *("conftest", "test_checkpoint", "test_cuda", "test_ddp"),
-                *("test_export", "test_feedback", "test_train"),
+                *("conftest", "test_batchnorm", "test_checkpoint", "test_cuda", "test_ddp"),
+                *("test_export", "test_feedback", "test_freeze", "test_optim", "test_stages", "test_train"),
             )
         ),
     }
-    if row["freeze_by"] != "none":
-        files |= {f"{src}/freeze.py", "tests/test_freeze.py"}
-    if row["bn_policy"] != "train":
-        files |= {f"{src}/batchnorm.py", "tests/test_batchnorm.py"}
-    if row["unfreeze_at_epoch"] and row["freeze_by"] != "none":
-        files.add("tests/test_unfreeze.py")
     if row["backbone"] == "resnet18":
         files.add("tests/test_model.py")
     if "full" in row["checkpoint_formats"]:
@@ -108,7 +102,9 @@ def test_options_not_chosen_leave_no_code(renders):
         assert ("last.ckpt" in train) == ("full" in formats) == ("def find_resumable" in checkpoint)
         assert ("keep_last_k" in config) == ("full" in formats) == ("--resume" in (src / "cli.py").read_text())
         assert ("monitor" in config) == bool({"state_dict", "safetensors"} & set(formats)) == ("MONITORS" in train)
-        assert ("def unfreeze" in train) == bool(row["unfreeze_at_epoch"] and row["freeze_by"] != "none")
+        assert ("\n[[unfreeze.stages]]" in config) == bool(row["unfreeze_at_epoch"] and row["freeze_by"] != "none")
+        policy = (src / "freeze.py").read_text()
+        assert ("in_frozen" in policy) == (row["bn_policy"] != "train"), "the train policy needs no part test"
         deps = (project / "pyproject.toml").read_text()
         assert ('"torchvision>=' in deps.split("[project.optional-dependencies]")[0]) == (row["backbone"] == "resnet18")
 

@@ -38,6 +38,17 @@ def test_layers_prints_the_backbone_table(backbone):
     assert all(p["state"] == "trainable" for p in table["parameters"])
 
 
+def test_layers_spec_is_a_dry_run_on_the_backbone():
+    """The seeds' ResNet recipe (children 0-6 frozen: `ct < 7`) as one selector."""
+    command = [sys.executable, "-m", "scaffold", "layers", "resnet18", "--spec", "idx:..7", "--spec", "layer1.0.conv1"]
+    proc = subprocess.run(command, capture_output=True, text=True, check=True)
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:-1]}
+    # conv1 9,408 + bn1 128 + layer1 147,968 + layer2 525,568 + layer3 2,099,712: children 0..6.
+    assert rows["idx:..7"][2] == "2,782,784"
+    assert rows["layer1.0.conv1"][1:3] == ["1", "36,864"]
+    assert "together: " in proc.stdout.splitlines()[-1]
+
+
 def test_matrix_renders_and_reports(tmp_path, capsys):
     assert main(["matrix", "--out", str(tmp_path), "--limit", "2", "--render-only"]) == 0
     out = capsys.readouterr().out

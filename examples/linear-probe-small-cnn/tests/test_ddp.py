@@ -34,9 +34,9 @@ HARNESS = textwrap.dedent(
     prepare = train.prepare_model
 
     def keep(*args, **kwargs):
-        model, manifest = prepare(*args, **kwargs)
+        model, state = prepare(*args, **kwargs)
         models.append(model)
-        return model, manifest
+        return model, state
 
     train.prepare_model = keep
     train.fit(config, out, device="cpu", **options)
@@ -81,9 +81,9 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, config, monk
     prepare = train.prepare_model
 
     def keep(*args, **kwargs):
-        model, manifest = prepare(*args, **kwargs)
+        model, state = prepare(*args, **kwargs)
         models.append(model)
-        return model, manifest
+        return model, state
 
     monkeypatch.setattr(train, "prepare_model", keep)
     fit(config, tmp_path / "single", device="cpu")

@@ -42,14 +42,26 @@ def config() -> dict:
     return small_config()
 
 
+def toml_value(value: object) -> str:
+    # JSON spells strings, numbers and booleans the way TOML does; tables
+    # (bn_modes, lr_mult, unfreeze stages) are written inline.
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
 def to_toml(config: dict) -> str:
-    # The config holds strings, numbers, booleans and flat lists: JSON
-    # spells those the way TOML does.
     lines = []
     for section, values in config.items():
         lines.append(f"[{section}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
     return "\n".join(lines) + "\n"
+
+
+def frozen_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, p in model.named_parameters() if not p.requires_grad]
 
 
 @pytest.fixture

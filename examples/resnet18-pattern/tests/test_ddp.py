@@ -30,9 +30,9 @@ HARNESS = textwrap.dedent(
     prepare = train.prepare_model
 
     def keep(*args, **kwargs):
-        model, manifest = prepare(*args, **kwargs)
+        model, state = prepare(*args, **kwargs)
         models.append(model)
-        return model, manifest
+        return model, state
 
     train.prepare_model = keep
     train.fit(config, out, device="cpu", **options)

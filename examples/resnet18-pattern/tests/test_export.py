@@ -61,3 +61,18 @@ def test_exporting_weights_of_another_model_is_a_clear_error(tmp_path, config_fi
     assert main([*args, "--out", str(tmp_path / "m.pt2")]) == 2
     assert "does not fit this model" in capsys.readouterr().err
     assert not (tmp_path / "m.pt2").exists()
+
+
+def test_fold_bn_export_has_no_batchnorm_left_and_still_matches(tmp_path, config_file, config, weights, capsys):
+    out = tmp_path / "folded.pt2"
+    args = ["--config", str(config_file), "export", "--weights", str(weights), "--format", "pt2", "--out", str(out)]
+    assert main([*args, "--fold-bn"]) == 0
+    assert "BatchNorm folded into convolutions" in capsys.readouterr().out
+    graph = str(torch.export.load(out).graph)
+    assert "batch_norm" not in graph, "a BatchNorm after a convolution was not folded"
+    model = build_model(config["model"]["num_classes"])
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    size = config["train"]["image_size"]
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        assert torch.allclose(torch.export.load(out).module()(x), model.eval()(x), atol=1e-4)

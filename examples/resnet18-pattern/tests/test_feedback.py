@@ -37,7 +37,7 @@ def test_the_freeze_summary_lists_children_and_the_trainable_share(tmp_path, con
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     assert f"trainable {trainable:,} of {total:,} parameters ({trainable / total:.1%})" in printed
-    assert "BatchNorm policy: replace_frozen" in printed
+    assert "BatchNorm (replace_frozen):" in printed
 
 
 def test_progress_bars_only_for_a_person_at_a_terminal(monkeypatch):

@@ -34,9 +34,9 @@ HARNESS = textwrap.dedent(
     prepare = train.prepare_model
 
     def keep(*args, **kwargs):
-        model, manifest = prepare(*args, **kwargs)
+        model, state = prepare(*args, **kwargs)
         models.append(model)
-        return model, manifest
+        return model, state
 
     train.prepare_model = keep
     train.fit(config, out, device="cpu", **options)
@@ -58,7 +58,7 @@ def ddp_fit(tmp_path: Path, config: dict, out: Path | None, **options) -> list[d
 @pytest.fixture
 def config(config: dict) -> dict:
     # Unfreeze in the second epoch: DDP must be rebuilt around the new tensors.
-    config["freeze"]["unfreeze_at_epoch"] = 1
+    config["unfreeze"]["stages"][0]["epoch"] = 1
     # 16 samples per process and step; both datasets split evenly over the ranks.
     config["data"].update(synthetic_train_size=128, synthetic_val_size=64)
     return config
@@ -83,9 +83,9 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, config, monk
     prepare = train.prepare_model
 
     def keep(*args, **kwargs):
-        model, manifest = prepare(*args, **kwargs)
+        model, state = prepare(*args, **kwargs)
         models.append(model)
-        return model, manifest
+        return model, state
 
     monkeypatch.setattr(train, "prepare_model", keep)
     fit(config, tmp_path / "single", device="cpu")

@@ -24,7 +24,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def run(tmp_path_factory):
     """A finished 2-epoch run folder and its history."""
     config = small_config()
-    config["freeze"]["unfreeze_at_epoch"] = 1
+    config["unfreeze"]["stages"][0]["epoch"] = 1
     out = tmp_path_factory.mktemp("run")
     return out, fit(config, out, epochs=2, device="cpu")
 
@@ -38,7 +38,7 @@ def test_the_freeze_summary_lists_children_and_the_trainable_share(tmp_path, con
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     assert f"trainable {trainable:,} of {total:,} parameters ({trainable / total:.1%})" in printed
-    assert "BatchNorm policy: eval_all" in printed
+    assert "BatchNorm (eval_all):" in printed
 
 
 def test_progress_bars_only_for_a_person_at_a_terminal(monkeypatch):

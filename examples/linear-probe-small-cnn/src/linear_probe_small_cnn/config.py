@@ -21,6 +21,14 @@ class ConfigError(ValueError):
     pass
 
 
+# Keys that moved: a file written for an older version of this project gets
+# told where the setting lives now instead of a bare "unknown key".
+MOVED = {
+    "freeze.unfreeze_at_epoch": "[[unfreeze.stages]] epoch = N, select = <what to release>",
+    "freeze.unfreeze_lr_mult": "lr_mult in its [[unfreeze.stages]] table",
+}
+
+
 def default_config() -> Config:
     text = resources.files(__package__).joinpath("config.toml").read_text()
     return tomllib.loads(text)
@@ -42,6 +50,8 @@ def load_config(path: str | Path | None = None) -> Config:
         if section not in config or not isinstance(values, dict):
             raise ConfigError(f"{path}: unknown section [{section}]{_near(section, config)}")
         for key, value in values.items():
+            if f"{section}.{key}" in MOVED:
+                raise ConfigError(f"{path}: {section}.{key} moved; write {MOVED[f'{section}.{key}']}")
             if key not in config[section]:
                 raise ConfigError(f"{path}: unknown key {section}.{key}{_near(key, config[section])}")
             _check_type(f"{section}.{key}", value, config[section][key], path)
@@ -56,7 +66,8 @@ def _check_type(name: str, value: Any, default: Any, path: Path) -> None:
     ok = ok or (expected is float and isinstance(value, int) and not isinstance(value, bool))
     if not ok:
         raise ConfigError(f"{path}: {name} must be {expected.__name__}, got {value!r}")
-    if expected is list and default:
+    # A freeze list takes any selector: ints (child positions) and strings mix.
+    if expected is list and default and not name.startswith("freeze."):
         item_type = type(default[0])
         bad = [v for v in value if not isinstance(v, item_type) or isinstance(v, bool)]
         if bad:

@@ -16,7 +16,7 @@ from .data import DataError, make_datasets
 from .distributed import pick_device, stop
 from .export import FORMATS, ExportError, export
 from .freeze import FreezeSpecError
-from .layers import format_layer_table, layer_table
+from .layers import format_layer_table, layer_table, parse_spec, spec_report
 from .model import PretrainedWeightsError, build_model
 from .plot import PlotError, plot_run
 from .train import evaluate, fit, prepare_model
@@ -41,6 +41,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     layers = commands.add_parser("layers", help="list children, modules and parameters with their freeze state")
     layers.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    layers.add_argument(
+        "--spec",
+        action="append",
+        metavar="SELECTORS",
+        help="dry run: what these selectors match (comma-separated; repeatable), e.g. --spec 'layer1, !layer1.0'",
+    )
 
     inspect = commands.add_parser("inspect-weights", help="plan loading a weights file as --init would, load nothing")
     inspect.add_argument("file", help=".pt, .pth, .bin, .ckpt or .safetensors")
@@ -55,6 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--stop-after", type=int, help="stop this invocation after N epochs")
     train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    train.add_argument(
+        "--freeze-from", help="freeze_manifest.json of another run: its freeze state replaces the config's spec"
+    )
 
     ev = commands.add_parser("evaluate", help="loss and accuracy of saved weights")
     ev.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt")
@@ -65,6 +74,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     ex.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt")
     ex.add_argument("--format", required=True, choices=FORMATS)
     ex.add_argument("--out", required=True, help="file to write")
+    ex.add_argument(
+        "--fold-bn", action="store_true", help="fold each BatchNorm that follows a convolution into it first"
+    )
 
     plot = commands.add_parser("plot", help="draw a run folder's metrics.csv as DIR/curves.png")
     plot.add_argument("dir", help="run folder")
@@ -72,6 +84,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def cmd_layers(args: argparse.Namespace, config: dict) -> int:
+    if args.spec:
+        # A dry run on the plain model: only what the selectors match, nothing applied.
+        print(spec_report(build_model(config["model"]["num_classes"]), parse_spec(args.spec)))
+        return 0
     try:
         model, _ = prepare_model(config)
         problem = None
@@ -97,6 +113,7 @@ def cmd_train(args: argparse.Namespace, config: dict) -> int:
             resume=args.resume,
             stop_after=args.stop_after,
             device=args.device,
+            freeze_from=args.freeze_from,
         )
     finally:
         stop()  # under torchrun: leave the process group cleanly
@@ -137,8 +154,9 @@ def cmd_evaluate(args: argparse.Namespace, config: dict) -> int:
 
 def cmd_export(args: argparse.Namespace, config: dict) -> int:
     model = trained_model(args.weights, config)
-    error = export(model, args.format, args.out, config["train"]["image_size"])
-    print(f"wrote {args.out} ({args.format}); max abs difference to eager on a batch of 2: {error:.3g}")
+    error = export(model, args.format, args.out, config["train"]["image_size"], fold_bn=args.fold_bn)
+    folded = " (BatchNorm folded into convolutions)" if args.fold_bn else ""
+    print(f"wrote {args.out} ({args.format}){folded}; max abs difference to eager on a batch of 2: {error:.3g}")
     return 0
 
 

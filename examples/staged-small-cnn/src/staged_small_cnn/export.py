@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .batchnorm import fold_batchnorm, plain_batchnorm
 from .checkpoint import atomic_path, atomic_write
 
 FORMATS = ("pt2", "onnx", "torchscript")
@@ -26,15 +27,23 @@ class ExportError(RuntimeError):
     pass
 
 
-def export(model: nn.Module, fmt: str, out: str | Path, image_size: int) -> float:
-    """Write `model` to `out` as `fmt`; return the max abs difference to eager."""
-    model = model.eval()
+def export(model: nn.Module, fmt: str, out: str | Path, image_size: int, fold_bn: bool = False) -> float:
+    """Write `model` to `out` as `fmt`; return the max abs difference to eager.
+
+    Any FrozenBatchNorm or fixed-statistics layer becomes plain BatchNorm
+    first, so runtimes see a standard op; `fold_bn` then folds each BatchNorm
+    that follows a convolution into it. The difference is measured against
+    the model as given, so a wrong fold fails like a wrong export.
+    """
+    model = plain_batchnorm(model).eval()
     example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     # Batch size stays free in the exported graph; everything else is fixed.
     batch = torch.export.Dim("batch", min=1)
     out = Path(out)
     with torch.no_grad():
         expected = model(example)
+        if fold_bn:
+            fold_batchnorm(model)
         if fmt == "pt2":
             program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
             atomic_write(out, lambda f: torch.export.save(program, f))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from torch import nn
+
+from .freeze import BN_POLICY, FreezeState, Selector, resolve
 
 
 def parameter_count(module: nn.Module) -> int:
@@ -66,12 +69,44 @@ def format_layer_table(table: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def freeze_summary(model: nn.Module, bn_policy: str) -> str:
+def freeze_summary(model: nn.Module, state: FreezeState) -> str:
     """The short report printed when a run starts."""
     table = layer_table(model)
     lines = format_rows(table["children"], ["index", "name", "type", "params", "state"])
     total = parameter_count(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     share = f"{trainable / total:.1%}"
-    lines.append(f"trainable {trainable:,} of {total:,} parameters ({share}); BatchNorm policy: {bn_policy}")
+    modes = Counter(state.bn_modes.values())
+    bn = ", ".join(f"{count} {mode}" for mode, count in modes.items()) or "none in the model"
+    lines.append(f"trainable {trainable:,} of {total:,} parameters ({share}); BatchNorm ({BN_POLICY}): {bn}")
     return "\n".join(lines)
+
+
+def spec_report(model: nn.Module, selectors: list[Selector]) -> str:
+    """`layers --spec`: what each selector matches, and what the list freezes together."""
+    each, combined = resolve(model, selectors, "--spec")
+    sizes = dict(model.named_parameters())
+    rows = []
+    for selector, match in each.items():
+        names = match.params
+        shown = ", ".join(names[:3]) + (f", ... (+{len(names) - 3})" if len(names) > 3 else "")
+        params = sum(sizes[n].numel() for n in names)
+        rows.append({"selector": selector, "tensors": len(names), "params": params, "matches": shown or "-"})
+    lines = format_rows(rows, ["selector", "tensors", "params", "matches"])
+    frozen = sum(sizes[n].numel() for n in combined.params)
+    total = parameter_count(model)
+    lines.append(f"together: {len(combined.params)} tensors, {frozen:,} of {total:,} parameters ({frozen / total:.1%})")
+    return "\n".join(lines)
+
+
+def parse_spec(texts: list[str]) -> list[Selector]:
+    """--spec values: comma-separated selectors; a `re:` selector runs to the end of its value."""
+    selectors: list[Selector] = []
+    for text in texts:
+        while text.strip():
+            head, _, rest = text.partition(",")
+            if head.strip().lstrip("!").startswith("re:"):
+                head, rest = text, ""
+            selectors.append(head.strip())
+            text = rest
+    return selectors

@@ -1,14 +1,17 @@
 """Training: fit() wires model, freeze, data and checkpoints together.
 
-Read top to bottom: prepare_model (build, load --init, freeze, fix BN),
-make_optimizer (trainable parameters only), train_one_epoch, evaluate, fit.
+Read top to bottom: prepare_model (build, load --init, freeze, BatchNorm
+modes), param groups and make_optimizer (trainable parameters only), the
+schedule and add_groups (unfreeze stages), train_one_epoch, evaluate, fit.
 The same code runs as one process or as one of N under torchrun; see
 distributed.py for what changes then.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import io
 import json
 import math
@@ -16,20 +19,32 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from .batchnorm import fix_batchnorm
 from .checkpoint import RunFiles, atomic_write, config_hash, load_resume, safetensors_bytes, torch_bytes
 from .config import ConfigError
 from .data import make_datasets
 from .distributed import SINGLE, World, all_sum, check_in_sync, gather, start, sync_buffers, wrap
-from .freeze import freeze
+from .freeze import (
+    FreezeState,
+    Selector,
+    apply,
+    check_stages,
+    freeze,
+    manifest,
+    parse_stages,
+    resolve,
+    state_from_manifest,
+    unfreeze_stage,
+)
 from .layers import freeze_summary
 from .model import build_model
 from .weights import load_init
@@ -53,7 +68,6 @@ METRIC_COLUMNS = (
 )
 # Metrics best.* can be chosen by; checkpoint.mode says whether more is better.
 MONITORS = ("val_acc", "val_loss", "train_loss")
-BN_POLICY = "eval_all"
 
 
 def seed_everything(seed: int) -> None:
@@ -67,83 +81,247 @@ def prepare_model(
     config: dict,
     init: str | Path | None = None,
     sync_bn: bool = False,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the model, load --init, apply the freeze spec and BN policy.
+    freeze_from: str | Path | None = None,
+) -> tuple[nn.Module, FreezeState]:
+    """Build the model, load --init, apply the freeze spec (or a manifest) and the BatchNorm modes.
 
-    Raises before anything is written when the spec or the init file is wrong.
+    Raises before anything is written when the spec, a stage, an lr_mult
+    selector or the init file is wrong.
     """
     model = build_model(config["model"]["num_classes"])
     if init is not None:
         load_init(model, init, config["init"])
     if sync_bn:
-        # Before the BN policy, so layers it fixes stay in eval mode and never
-        # synchronise: only BatchNorm that trains pays for the all-reduce.
+        # Before the BatchNorm modes, so layers they fix stay in eval mode and
+        # never synchronise: only BatchNorm that trains pays for the all-reduce.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    selection = freeze(model, config["freeze"]["names"])
-    bn_fixed = fix_batchnorm(model)
-    selectors = {selector: len(names) for selector, names in selection.items()}
-    return model, freeze_manifest(model, selectors, bn_fixed)
+    if freeze_from is not None:
+        state = read_manifest(model, freeze_from)
+        apply(model, state)
+    else:
+        state = freeze(model, freeze_spec(config), config["freeze"]["bn_modes"], "freeze.names")
+    check_stages(model, parse_stages(config["unfreeze"]["stages"]))
+    lr_factors(model, config)
+    if config["train"]["grad_checkpointing"]:
+        checkpoint_blocks(model)
+    return model, state
 
 
-def freeze_manifest(model: nn.Module, selectors: dict[str, int], bn_fixed: list[str]) -> dict[str, Any]:
-    """What is frozen, as written to freeze_manifest.json.
+def freeze_spec(config: dict) -> list[Selector]:
+    return list(config["freeze"]["names"])
 
-    `selectors` maps each selector of the spec to the number of parameter
-    tensors it froze.
+
+def read_manifest(model: nn.Module, path: str | Path) -> FreezeState:
+    """--freeze-from: the freeze state another run wrote to freeze_manifest.json."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--freeze-from {path}: cannot read a JSON manifest ({err})") from None
+    state = state_from_manifest(model, data, str(path))
+    # The new run's own stages follow; the manifest's count belonged to its run.
+    state.stages_done = 0
+    return state
+
+
+def checkpoint_blocks(model: nn.Module) -> list[str]:
+    """Recompute each top-level block's activations in backward instead of keeping them.
+
+    use_reentrant=False always: the reentrant variant returns no gradients
+    for a block whose input does not require grad, which is every block
+    behind a frozen prefix. The head (last child with parameters) is left
+    alone; its activations are small.
     """
-    params = list(model.named_parameters())
-    return {
-        "frozen": [name for name, p in params if not p.requires_grad],
-        "trainable": [name for name, p in params if p.requires_grad],
-        "bn_fixed": bn_fixed,
-        "bn_policy": BN_POLICY,
-        "selectors": selectors,
-    }
+    blocks = [(name, child) for name, child in model.named_children() if any(True for _ in child.parameters())]
+    for _, child in blocks[:-1]:
+        forward, contexts = child.forward, functools.partial(_recompute_contexts, child)
+        child.forward = functools.partial(activation_checkpoint, forward, use_reentrant=False, context_fn=contexts)
+    return [name for name, _ in blocks[:-1]]
 
 
-def make_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
-    # Only trainable parameters: a frozen tensor inside the optimizer still
-    # drifts through weight decay and momentum even with requires_grad=False.
-    trainable = [p for p in model.parameters() if p.requires_grad]
+def _recompute_contexts(block: nn.Module) -> tuple[contextlib.AbstractContextManager, ...]:
+    return contextlib.nullcontext(), _batchnorm_counts_once(block)
+
+
+@contextlib.contextmanager
+def _batchnorm_counts_once(block: nn.Module) -> Iterator[None]:
+    """The recompute runs the block's forward again: BatchNorm must not count the batch twice.
+
+    Its output is the same either way (batch statistics); only the running
+    statistics would take a second momentum step, so they are put back,
+    also when torch stops the recompute early by raising through here.
+    """
+    batchnorm = nn.modules.batchnorm._BatchNorm
+    training = [m for m in block.modules() if isinstance(m, batchnorm) and m.training and m.track_running_stats]
+    saved = [[buffer.clone() for buffer in m.buffers(recurse=False)] for m in training]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, values in zip(training, saved, strict=True):
+                for buffer, value in zip(module.buffers(recurse=False), values, strict=True):
+                    buffer.copy_(value)
+
+
+def lr_factors(model: nn.Module, config: dict) -> dict[str, float]:
+    """Each parameter's learning-rate multiplier.
+
+    train.layer_decay d gives the last top-level child with parameters (the
+    head) 1, the one before it d, then d**2, ...; parameters sitting on the
+    model itself go with the first child. Then train.lr_mult maps selectors
+    to multipliers, applied on top, the last matching selector winning.
+    """
     train_cfg = config["train"]
-    return torch.optim.AdamW(
-        [{"params": trainable, "name": "trainable"}],
-        lr=train_cfg["lr"],
-        weight_decay=train_cfg["weight_decay"],
+    blocks = [name for name, child in model.named_children() if any(True for _ in child.parameters())]
+    factors = {}
+    for name, _ in model.named_parameters():
+        top = name.split(".")[0]
+        depth = len(blocks) - 1 - (blocks.index(top) if top in blocks else 0)
+        factors[name] = train_cfg["layer_decay"] ** depth
+    mults = {name: 1.0 for name in factors}
+    for selector, mult in train_cfg["lr_mult"].items():
+        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or mult <= 0:
+            raise ConfigError(f"train.lr_mult: {selector!r} = {mult!r}; a multiplier is a number > 0")
+        _, match = resolve(model, [selector], f"train.lr_mult {selector!r}")
+        mults.update(dict.fromkeys(match.params, float(mult)))
+    return {name: factors[name] * mults[name] for name in factors}
+
+
+def param_groups(
+    model: nn.Module,
+    config: dict,
+    names: list[str],
+    label: str,
+    lr_mult: float = 1.0,
+    start_epoch: int = 0,
+    warmup_epochs: int = 0,
+) -> list[dict[str, Any]]:
+    """Trainable `names` split into as few groups as their lr and weight decay need.
+
+    Groups are JSON data (parameter names, not tensors): freeze_manifest.json
+    records them and a resume rebuilds the optimizer from them. Few groups
+    keep foreach/fused optimizer kernels batching many tensors per launch.
+    """
+    train_cfg = config["train"]
+    factors = lr_factors(model, config)
+    params = dict(model.named_parameters())
+    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    for name in names:
+        factor = lr_mult * factors[name]
+        # Biases and norm scales (every 1-d tensor) decay towards 0, which
+        # only fights the normalisation; the usual recipe leaves them alone.
+        no_decay = train_cfg["no_decay_norm_bias"] and params[name].ndim <= 1
+        decay = 0.0 if no_decay else train_cfg["weight_decay"]
+        if (factor, decay) not in groups:
+            rate = "" if factor == 1 else f" lr x{factor:g}"
+            plain = " no_decay" if no_decay and train_cfg["weight_decay"] else ""
+            groups[factor, decay] = {
+                "name": label + rate + plain,
+                "lr_mult": factor,
+                "weight_decay": decay,
+                "start_epoch": start_epoch,
+                "warmup_epochs": warmup_epochs,
+                "params": [],
+            }
+        groups[factor, decay]["params"].append(name)
+    return list(groups.values())
+
+
+def make_optimizer(model: nn.Module, config: dict, groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters only, grouped as `groups` says (default: by the config).
+
+    A frozen tensor inside an optimizer still drifts through weight decay and
+    momentum even with requires_grad=False, so none is ever added.
+    """
+    if groups is None:
+        groups = param_groups(model, config, trainable_names(model), "trainable")
+    lr = config["train"]["lr"]
+    optimizer = torch.optim.AdamW(
+        [torch_group(model, group, lr) for group in groups], lr=lr, weight_decay=config["train"]["weight_decay"]
     )
+    return optimizer
+
+
+def torch_group(model: nn.Module, group: dict[str, Any], lr: float) -> dict[str, Any]:
+    params = dict(model.named_parameters())
+    # Everything but the tensors travels in the optimizer's state_dict too.
+    meta = {k: v for k, v in group.items() if k != "params"}
+    return {**meta, "params": [params[name] for name in group["params"]], "lr": lr * group["lr_mult"]}
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def lr_factor(epochs: int, start_epoch: int, warmup_epochs: int) -> Callable[[int], float]:
+    """Cosine from 1 to 0 over the run, times a linear warmup from the group's first epoch.
+
+    With warmup_epochs = w the group's first w epochs get 1/(w+1), 2/(w+1), ...
+    of the cosine value, then the cosine value itself.
+    """
+
+    def factor(epoch: int) -> float:
+        ramp = min(1.0, (epoch - start_epoch + 1) / (warmup_epochs + 1))
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) * ramp
+
+    return factor
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(epoch: int) -> float:
-        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    """One LambdaLR factor per param group, so each group can start and warm up on its own."""
+    factors = [lr_factor(epochs, g["start_epoch"], g["warmup_epochs"]) for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-
-def unfreeze(
+def add_groups(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
-    lr_mult: float,
-) -> list[str]:
-    """Make every frozen parameter trainable, in a param group of its own.
+    groups: list[dict[str, Any]],
+    config: dict,
+    epochs: int,
+) -> None:
+    """Add newly trainable parameters to the optimizer *and* the schedule.
 
-    The group must join both the optimizer (add_param_group) and the
-    schedule: LambdaLR keeps one base_lr and one factor per group, and a
-    group it does not know about would keep its first lr for ever.
+    LambdaLR keeps one base_lr and one factor per group, captured when it was
+    built: a group added with add_param_group alone would keep its first lr
+    for ever (or break schedulers that index groups). So each new group gets
+    its initial_lr, a base_lr and a factor, and starts at the lr the
+    schedule gives it for the current epoch.
     """
-    names = [name for name, p in model.named_parameters() if not p.requires_grad]
-    params = [p for p in model.parameters() if not p.requires_grad]
-    for param in params:
-        param.requires_grad_(True)
-    base_lr = optimizer.param_groups[0]["initial_lr"] * lr_mult
-    factor = scheduler.lr_lambdas[0]
-    optimizer.add_param_group(
-        {"params": params, "name": "unfrozen", "lr": base_lr * factor(scheduler.last_epoch), "initial_lr": base_lr}
-    )
-    scheduler.base_lrs.append(base_lr)
-    scheduler.lr_lambdas.append(factor)
-    return names
+    for group in groups:
+        factor = lr_factor(epochs, group["start_epoch"], group["warmup_epochs"])
+        torch_form = torch_group(model, group, config["train"]["lr"])
+        base_lr = torch_form["lr"]
+        optimizer.add_param_group({**torch_form, "initial_lr": base_lr, "lr": base_lr * factor(scheduler.last_epoch)})
+        scheduler.base_lrs.append(base_lr)
+        scheduler.lr_lambdas.append(factor)
+
+
+def make_net(model: nn.Module, world: World, device: torch.device, config: dict) -> nn.Module:
+    """What the training step calls: the model, wrapped for DDP and compiled when asked.
+
+    Rebuilt after every unfreeze stage: a DDP wrapper registers only the
+    parameters that required grad when it was made, and a compiled graph
+    can keep the old requires_grad flags (pytorch#139476), so both go.
+    """
+    net = wrap(model, world, device)
+    if config["train"]["compile"]:
+        torch.compiler.reset()
+        net = torch.compile(net, backend=config["train"]["compile_backend"])
+    return net
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> bool:
+    """Step through the scaler; skip when no parameter got a gradient.
+
+    GradScaler.step raises "No inf checks were recorded" for an optimizer
+    without gradients (a batch that never reaches the trainable part).
+    """
+    if not any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
+        return False
+    scaler.step(optimizer)
+    scaler.update()
+    return True
 
 
 def show_progress(world: World) -> bool:
@@ -179,8 +357,7 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         # The scaler keeps fp16 gradients from underflowing; disabled it is a no-op.
         scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(optimizer, scaler)
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         count += len(labels)
@@ -274,6 +451,7 @@ def fit(
     resume: str | Path | None = None,
     stop_after: int | None = None,
     device: str | None = None,
+    freeze_from: str | Path | None = None,
 ) -> list[dict[str, float]]:
     """Train and write the run folder; return one metrics row per epoch.
 
@@ -281,6 +459,8 @@ def fit(
     schedule planned for `epochs`: resume later with --resume.
     `resume` is a full checkpoint or a run folder (its newest checkpoint that
     matches checkpoints.json); `out` then defaults to that checkpoint's folder.
+    `freeze_from` is a freeze_manifest.json whose freeze state replaces the
+    config's spec.
     Under torchrun every process runs this with its share of each batch
     (`train.batch_size` is the global batch); rank 0 alone writes and prints.
     """
@@ -308,39 +488,47 @@ def fit(
         raise ConfigError(f"checkpoint.keep_last_k must be 0 or more, got {keep_last_k}")
     checkpoint = None
     if resume is not None:
+        if freeze_from is not None:
+            raise ConfigError("--freeze-from starts a new run and --resume continues one; pass one of them")
         resume, checkpoint = load_resume(resume)
         out = out or resume.parent
     if out is None:
         raise ConfigError("no run folder: pass --out or --resume")
-    model, manifest = prepare_model(
+    stages = parse_stages(config["unfreeze"]["stages"])
+    bn_overrides = config["freeze"]["bn_modes"]
+    model, state = prepare_model(
         config,
         init=init,
         sync_bn=sync_bn,
+        freeze_from=freeze_from,
     )
+    if checkpoint is not None:
+        # The freeze state exactly as saved, stages already applied included:
+        # re-running the config's spec would freeze a backbone that an
+        # earlier stage had released (the failure of re-freezing on resume).
+        state = state_from_manifest(model, checkpoint["freeze_manifest"], f"{resume} freeze_manifest")
+        apply(model, state)
     train_set, val_set = make_datasets(data, config)
     out = Path(out)
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
         files = RunFiles(out)
-        print(freeze_summary(model, BN_POLICY))
+        print(freeze_summary(model, state))
     seed_everything(train_cfg["seed"] + world.rank)
 
     model.to(dev)
-    optimizer = make_optimizer(model, config)
+    if checkpoint is None:
+        groups = param_groups(model, config, trainable_names(model), "trainable")
+    else:
+        groups = checkpoint["freeze_manifest"]["param_groups"]  # with the groups of stages done
+    optimizer = make_optimizer(model, config, groups)
     scheduler = cosine_schedule(optimizer, epochs)
     use_amp = train_cfg["amp"] and dev.type == "cuda"
     scaler = torch.amp.GradScaler(dev.type, enabled=use_amp)
     history: list[dict[str, float]] = []
     first = 0
     best_value = math.inf if mode == "min" else -math.inf
-    unfreeze_at = config["freeze"]["unfreeze_at_epoch"]
-    unfrozen = False
     if checkpoint is not None:
-        # Re-apply the unfreeze before loading the optimizer: its state has
-        # two param groups, and the backbone must keep training after resume.
-        if checkpoint["unfrozen"]:
-            unfreeze(model, optimizer, scheduler, config["freeze"]["unfreeze_lr_mult"])
-            unfrozen = True
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -352,7 +540,6 @@ def fit(
         first, history = checkpoint["epoch"] + 1, checkpoint["history"]
         restore_rng(checkpoint["rng"], world, train_cfg["seed"] + first)
         best_value = checkpoint["best_value"]
-        manifest = checkpoint["freeze_manifest"]
         if world.main:
             print(f"resumed from {resume} after epoch {first - 1}")
         if world.main and first >= epochs and resume.name != "last.ckpt" and resume.resolve().parent == out.resolve():
@@ -360,10 +547,10 @@ def fit(
             # epoch file, and last.ckpt must not stay behind it.
             files.save("last.ckpt", resume.read_bytes(), full_info(checkpoint))
     if world.main:
-        write_json(out / "freeze_manifest.json", manifest)
-    # Built after the freeze and after any unfreeze a resume re-applied: DDP
+        write_json(out / "freeze_manifest.json", manifest(model, state, groups))
+    # Built after the freeze (and the stages a resume put back): DDP
     # registers only the parameters that require grad when it is made.
-    net = wrap(model, world, dev)
+    net = make_net(model, world, dev, config)
 
     loader_args = {"num_workers": train_cfg["num_workers"], "pin_memory": dev.type == "cuda"}
     # The shuffle order depends on the seed and the epoch alone (set_epoch is
@@ -377,22 +564,17 @@ def fit(
     board = board_writer(out / "tensorboard", purge_step=first) if board_writer else None
     ran = 0
     for epoch in range(first, epochs):
-        if epoch >= unfreeze_at and not unfrozen:
-            names = unfreeze(model, optimizer, scheduler, config["freeze"]["unfreeze_lr_mult"])
-            unfrozen = True
-            # A new wrapper: the old one would never all-reduce the gradients
-            # of the parameters that were frozen when it was built.
-            net = wrap(model, world, dev)
-            manifest = freeze_manifest(model, manifest["selectors"], manifest["bn_fixed"])
+        while state.stages_done < len(stages) and stages[state.stages_done].epoch <= epoch:
+            stage = stages[state.stages_done]
+            names = unfreeze_stage(model, state, stage, bn_overrides)
+            label = f"stage{state.stages_done}"
+            new = param_groups(model, config, names, label, stage.lr_mult, epoch, stage.warmup_epochs)
+            add_groups(model, optimizer, scheduler, new, config, epochs)
+            groups = groups + new
+            net = make_net(model, world, dev, config)
             if world.main:
-                write_json(out / "freeze_manifest.json", manifest)
-                released = set(names)
-                size = sum(p.numel() for name, p in model.named_parameters() if name in released)
-                print(
-                    f"epoch {epoch}: freeze.unfreeze_at_epoch = {unfreeze_at} reached; {len(names)} tensors "
-                    f"({size:,} parameters) now train in param group 'unfrozen' at "
-                    f"lr x {config['freeze']['unfreeze_lr_mult']}"
-                )
+                write_json(out / "freeze_manifest.json", manifest(model, state, groups))
+                print(stage_line(model, epoch, stage, names, new))
         sampler.set_epoch(epoch)
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
@@ -432,11 +614,11 @@ def fit(
             best_value = value
             if world.main:
                 info = {"epoch": epoch, "metric": {monitor: value}}
-                state = model.state_dict()
-                files.save("best.pt", torch_bytes(state), {**info, "format": "state_dict"})
+                weights = model.state_dict()
+                files.save("best.pt", torch_bytes(weights), {**info, "format": "state_dict"})
                 # safetensors metadata is str -> str.
                 metadata = {"epoch": str(epoch), monitor: repr(value), "config_sha256": config_hash(config)}
-                files.save("best.safetensors", safetensors_bytes(state, metadata), {**info, "format": "safetensors"})
+                files.save("best.safetensors", safetensors_bytes(weights, metadata), {**info, "format": "safetensors"})
         # Every rank's RNG, so each rank of a resumed run draws what it would have.
         rng = gather(rng_state(), world)
         if world.main:
@@ -449,8 +631,7 @@ def fit(
                 "rng": rng,
                 "best_value": best_value,
                 "history": history,
-                "unfrozen": unfrozen,
-                "freeze_manifest": manifest,
+                "freeze_manifest": manifest(model, state, groups),
                 "config": config,
             }
             save_full(files, checkpoint, keep_last_k)
@@ -460,6 +641,20 @@ def fit(
     if board is not None:
         board.close()
     return history
+
+
+def stage_line(model: nn.Module, epoch: int, stage: Any, names: list[str], groups: list[dict[str, Any]]) -> str:
+    """The one line an unfreeze stage prints: what it selected and what changed."""
+    picked = ", ".join(map(str, stage.select))
+    if not names:
+        return f"epoch {epoch}: unfreeze stage {picked}: already trainable, nothing changes"
+    released = set(names)
+    size = sum(p.numel() for name, p in model.named_parameters() if name in released)
+    warmup = f", {stage.warmup_epochs} warmup epochs" if stage.warmup_epochs else ""
+    return (
+        f"epoch {epoch}: unfreeze stage {picked}: {len(names)} tensors ({size:,} parameters) now train "
+        f"in param groups {', '.join(repr(g['name']) for g in groups)} at lr x {stage.lr_mult:g}{warmup}"
+    )
 
 
 def tensorboard_writer() -> Any:
