@@ -124,6 +124,19 @@ def test_torchrun_runs_the_cli_and_only_rank_0_writes(tmp_path, config_file):
     assert (out / "metrics.csv").read_text().count("\n") == 2
 
 
+def test_rank_0_alone_chooses_the_checkpoint_to_resume(tmp_path, config_file):
+    out = tmp_path / "run"
+    args = ["--config", str(config_file), "train", "--epochs", "2", "--device", "cpu"]
+    torchrun("-m", "linear_probe_small_cnn", *args, "--out", str(out), "--stop-after", "1", processes=PROCESSES)
+    (out / "last.ckpt").write_bytes(b"\0" * 64)  # damaged: the epoch file next to it must be chosen
+    proc = torchrun("-m", "linear_probe_small_cnn", *args, "--resume", str(out), processes=PROCESSES)
+    assert proc.stdout.count("resume: skipped last.ckpt") == 1, proc.stdout
+    assert proc.stdout.count("resumed from ") == 1 and "epoch-0000.ckpt" in proc.stdout
+    assert proc.stdout.count("epoch 1: train_loss") == 1
+    missing = torchrun("-m", "linear_probe_small_cnn", *args, "--resume", str(tmp_path / "nowhere"), processes=2, check=False)
+    assert missing.returncode != 0 and "no such checkpoint or run folder" in missing.stderr
+
+
 def test_sync_bn_is_refused_on_cpu_before_anything_is_written(tmp_path, config):
     config["train"]["sync_bn"] = True
     config_file = tmp_path / "config.toml"

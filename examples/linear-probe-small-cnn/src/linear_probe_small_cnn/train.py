@@ -29,10 +29,10 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from .checkpoint import RunFiles, atomic_write, load_resume, torch_bytes
+from .checkpoint import RunFiles, atomic_write, load_resume, torch_bytes, torch_load
 from .config import ConfigError
 from .data import make_datasets
-from .distributed import SINGLE, World, all_sum, check_in_sync, gather, start, sync_buffers, wrap
+from .distributed import SINGLE, World, all_sum, check_in_sync, gather, on_main, start, sync_buffers, wrap
 from .freeze import (
     FreezeState,
     Selector,
@@ -491,7 +491,16 @@ def fit(
     if resume is not None:
         if freeze_from is not None:
             raise ConfigError("--freeze-from starts a new run and --resume continues one; pass one of them")
-        resume, checkpoint = load_resume(resume)
+        # Rank 0 alone chooses and verifies the file (hashes, fallbacks and
+        # what it skipped, printed once); every other rank loads that file.
+        chosen: dict[str, Any] = {}
+
+        def choose() -> Path:
+            chosen["path"], chosen["checkpoint"] = load_resume(resume)
+            return chosen["path"]
+
+        resume = on_main(choose, world)
+        checkpoint = chosen["checkpoint"] if world.main else torch_load(resume)
         out = out or resume.parent
     if out is None:
         raise ConfigError("no run folder: pass --out or --resume")

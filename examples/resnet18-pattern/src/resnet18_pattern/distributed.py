@@ -17,7 +17,9 @@ The rules that keep freezing and DDP apart:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -25,6 +27,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,28 @@ def gather(obj: object, world: World) -> list[object]:
     objects: list[object] = [None] * world.size
     dist.all_gather_object(objects, obj)
     return objects
+
+
+def on_main(compute: Callable[[], T], world: World) -> T:
+    """Run `compute` on rank 0 alone and give every rank its result, or its error.
+
+    For work that must happen once: choosing a checkpoint to resume reads and
+    hashes files and prints what it skipped. An error is raised on every
+    rank, so none waits for a broadcast that never comes.
+    """
+    if not world.distributed:
+        return compute()
+    payload: list[object] = [None]
+    if world.main:
+        try:
+            payload = [(True, compute())]
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            payload = [(False, err)]
+    dist.broadcast_object_list(payload, src=0)
+    ok, value = payload[0]
+    if not ok:
+        raise value
+    return value
 
 
 def sync_buffers(model: nn.Module, world: World) -> None:
