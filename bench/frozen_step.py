@@ -75,7 +75,8 @@ def measure(project: Path, model_name: str, variant: str, size: int, batch: int,
         optimizer = train.make_optimizer(model, config)
 
         def step() -> None:
-            train.train_one_epoch(model, [(images, labels)], optimizer, scaler, dev, use_amp)
+            amp = torch.float16 if use_amp else None
+            train.train_one_epoch(model, [(images, labels)], optimizer, scaler, dev, amp)
 
     else:
         model = model_mod.build_model(config["model"]["num_classes"]).to(dev)

@@ -31,7 +31,7 @@ def expected_files(row: dict, package: str) -> set[str]:
             f"{src}/{m}.py"
             for m in (
                 *("__init__", "__main__", "batchnorm", "checkpoint", "cli", "config", "data"),
-                *("distributed", "export", "freeze", "layers", "model", "plot", "train", "weights"),
+                *("distributed", "export", "features", "freeze", "layers", "model", "plot", "train", "weights"),
             )
         ),
         f"{src}/config.toml",
@@ -39,7 +39,8 @@ def expected_files(row: dict, package: str) -> set[str]:
             f"tests/{t}.py"
             for t in (
                 *("conftest", "test_batchnorm", "test_checkpoint", "test_cuda", "test_ddp"),
-                *("test_export", "test_feedback", "test_freeze", "test_optim", "test_stages", "test_train"),
+                *("test_export", "test_fast", "test_feedback", "test_freeze", "test_optim", "test_stages"),
+                "test_train",
             )
         ),
     }

@@ -36,7 +36,7 @@ def train_steps(model, config):
     optimizer = make_optimizer(model, config)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loader = DataLoader(train_set, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
-    train_one_epoch(model, loader, optimizer, scaler, torch.device("cpu"), use_amp=False)
+    train_one_epoch(model, loader, optimizer, scaler, torch.device("cpu"), amp=None)
 
 
 def toggle(model):

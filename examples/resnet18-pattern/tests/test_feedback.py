@@ -58,11 +58,11 @@ def test_the_bar_shows_loss_accuracy_and_images_per_second(config, capsys):
     loader = DataLoader(train_set, batch_size=config["train"]["batch_size"])
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     optimizer = make_optimizer(model, config)
-    loss, correct, count = train_one_epoch(model, loader, optimizer, scaler, torch.device("cpu"), False, "epoch 0")
+    loss, correct, count = train_one_epoch(model, loader, optimizer, scaler, torch.device("cpu"), None, "epoch 0")
     bar = capsys.readouterr().err
     assert "epoch 0" in bar and "loss=" in bar and "acc=" in bar and "img_s=" in bar
     assert count == len(train_set) and 0 <= correct <= count and loss > 0
-    train_one_epoch(model, loader, optimizer, scaler, torch.device("cpu"), False)
+    train_one_epoch(model, loader, optimizer, scaler, torch.device("cpu"), None)
     assert capsys.readouterr().err == "", "no bar without a description"
 
 

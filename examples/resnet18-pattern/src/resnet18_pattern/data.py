@@ -41,8 +41,13 @@ def synthetic_datasets(
     return sample(train_size), sample(val_size)
 
 
-def image_folder_datasets(root: str | Path, image_size: int, num_classes: int) -> tuple[Dataset, Dataset]:
-    """`root/train/<class>/*` and `root/val/<class>/*`, in torchvision's ImageFolder layout."""
+def image_folder_datasets(
+    root: str | Path, image_size: int, num_classes: int, augment: bool = True
+) -> tuple[Dataset, Dataset]:
+    """`root/train/<class>/*` and `root/val/<class>/*`, in torchvision's ImageFolder layout.
+
+    `augment` false gives the training images the validation preprocessing.
+    """
     try:
         from torchvision import datasets, transforms
     except ImportError:
@@ -72,7 +77,7 @@ def image_folder_datasets(root: str | Path, image_size: int, num_classes: int) -
             normalize,
         ]
     )
-    train = datasets.ImageFolder(root / "train", transform=train_tf)
+    train = datasets.ImageFolder(root / "train", transform=train_tf if augment else val_tf)
     val = datasets.ImageFolder(root / "val", transform=val_tf)
     if train.classes != val.classes:
         raise DataError(f"{root}: train classes {train.classes} differ from val classes {val.classes}")
@@ -96,4 +101,6 @@ def make_datasets(data: str, config: dict) -> tuple[Dataset, Dataset]:
         )
     if not Path(data).exists():
         raise DataError(f"--data {data}: no such directory (or use --data synthetic)")
-    return image_folder_datasets(data, train_cfg["image_size"], config["model"]["num_classes"])
+    return image_folder_datasets(
+        data, train_cfg["image_size"], config["model"]["num_classes"], augment=data_cfg["augment"]
+    )

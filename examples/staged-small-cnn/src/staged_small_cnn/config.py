@@ -60,6 +60,11 @@ def load_config(path: str | Path | None = None) -> Config:
 
 
 def _check_type(name: str, value: Any, default: Any, path: Path) -> None:
+    if default == "auto":
+        # "auto" or an explicit value; the code that reads the key checks which.
+        if not isinstance(value, (str, bool, int, float)):
+            raise ConfigError(f'{path}: {name} must be "auto" or a value, got {value!r}')
+        return
     expected = type(default)
     # An int is a fine float (lr = 1 is 1.0); a bool is never an int.
     ok = isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)

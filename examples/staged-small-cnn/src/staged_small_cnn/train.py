@@ -19,20 +19,21 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from .checkpoint import RunFiles, atomic_write, config_hash, load_resume, safetensors_bytes, torch_bytes, torch_load
 from .config import ConfigError
 from .data import make_datasets
 from .distributed import SINGLE, World, all_sum, check_in_sync, gather, on_main, start, sync_buffers, wrap
+from .features import CachedBatches, cache_decision, head_inputs
 from .freeze import (
     FreezeState,
     Selector,
@@ -46,7 +47,7 @@ from .freeze import (
     unfreeze_stage,
 )
 from .layers import freeze_summary
-from .model import build_model
+from .model import HEAD, build_model
 from .weights import load_init
 
 try:
@@ -324,6 +325,72 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     return True
 
 
+def amp_dtype(train_cfg: dict, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for this device, or None for full precision.
+
+    CUDA (train.amp): bf16 where the GPU has it (no loss scaling needed),
+    else fp16 with GradScaler. CPU (train.cpu_amp, off by default): bf16,
+    which pays off only on CPUs with bf16 instructions.
+    """
+    choice = train_cfg["amp_dtype"]
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+    if choice != "auto" and choice not in dtypes:
+        raise ConfigError(f'train.amp_dtype must be "auto", "bfloat16" or "float16", got {choice!r}')
+    if device.type == "cuda" and train_cfg["amp"]:
+        if choice == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return dtypes[choice]
+    if device.type == "cpu" and train_cfg["cpu_amp"]:
+        return torch.bfloat16
+    return None
+
+
+def use_channels_last(setting: str | bool, model: nn.Module, device: torch.device) -> bool:
+    """With "auto", on for a convolutional model on CUDA, where cuDNN's fastest kernels want NHWC."""
+    if setting == "auto":
+        return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if not isinstance(setting, bool):
+        raise ConfigError(f'train.channels_last must be true, false or "auto", got {setting!r}')
+    return setting
+
+
+def loader_workers(setting: str | int, data: str, world: World) -> int:
+    """With "auto", none for in-memory synthetic data; else the cores shared by the processes, up to 8."""
+    if setting == "auto":
+        return 0 if data == "synthetic" else min(8, max(1, (os.cpu_count() or 1) // world.size - 1))
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise ConfigError(f'train.num_workers must be "auto" or an integer >= 0, got {setting!r}')
+    return setting
+
+
+def cache_risks(data: str, config: dict, world: World) -> list[str]:
+    """What, besides the model, makes cached features differ from a fresh forward pass."""
+    risks = []
+    if data != "synthetic" and config["data"]["augment"]:
+        risks.append("training images are randomly augmented ([data] augment = true)")
+    if world.distributed:
+        risks.append("under torchrun each process sees other samples every epoch")
+    return risks
+
+
+def build_cache(
+    model: nn.Module,
+    train_set: Dataset,
+    val_set: Dataset,
+    sampler: DistributedSampler,
+    batch_size: int,
+    device: torch.device,
+    amp: torch.dtype | None,
+) -> tuple[CachedBatches, CachedBatches]:
+    """Head inputs of the whole train and val sets, batched as the loaders would batch them."""
+    train_features, train_labels = head_inputs(model, train_set, batch_size, device, amp)
+    val_features, val_labels = head_inputs(model, val_set, batch_size, device, amp)
+    return (
+        CachedBatches(train_features, train_labels, sampler, batch_size),
+        CachedBatches(val_features, val_labels, range(len(val_set)), batch_size),
+    )
+
+
 def show_progress(world: World) -> bool:
     """Bars are for a person at a terminal; logs and CI get one line per epoch."""
     return world.main and sys.stderr.isatty() and not os.environ.get("CI")
@@ -331,16 +398,19 @@ def show_progress(world: World) -> bool:
 
 def train_one_epoch(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     device: torch.device,
-    use_amp: bool,
+    amp: torch.dtype | None,
     desc: str | None = None,
+    channels_last: bool = False,
 ) -> tuple[float, int, int]:
     """One pass over `loader`: summed loss, correct predictions and samples of this process.
 
-    `desc` turns on a progress bar with the running loss, accuracy and images/s.
+    `amp` is the autocast dtype (None: full precision). `desc` turns on a
+    progress bar with the running loss, accuracy and images/s. `loader` may
+    yield images for the whole model or cached features for the head alone.
     """
     model.train()
     # Summed on the device: reading a number every step would wait for the GPU.
@@ -350,8 +420,8 @@ def train_one_epoch(
     bar = tqdm(loader, desc=desc, disable=desc is None, leave=False, unit="batch", dynamic_ncols=True)
     started = time.perf_counter()
     for images, labels in bar:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+        images, labels = to_device(images, device, channels_last), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(images)
             loss = nn.functional.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -371,13 +441,26 @@ def train_one_epoch(
     return loss_sum.item(), int(correct.item()), count
 
 
+def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    # channels_last lets cuDNN pick its fastest (tensor-core) convolutions.
+    if channels_last and images.dim() == 4:
+        return images.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return images.to(device, non_blocking=True)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, world: World = SINGLE) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    world: World = SINGLE,
+    channels_last: bool = False,
+) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over `loader`, summed over every rank's shard."""
     model.eval()
     loss, correct, count = 0.0, 0, 0
     for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
+        images, labels = to_device(images, device, channels_last), labels.to(device)
         logits = model(images)
         loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(1) == labels).sum().item()
@@ -532,8 +615,12 @@ def fit(
         groups = checkpoint["freeze_manifest"]["param_groups"]  # with the groups of stages done
     optimizer = make_optimizer(model, config, groups)
     scheduler = cosine_schedule(optimizer, epochs)
-    use_amp = train_cfg["amp"] and dev.type == "cuda"
-    scaler = torch.amp.GradScaler(dev.type, enabled=use_amp)
+    amp = amp_dtype(train_cfg, dev)
+    # Loss scaling keeps fp16 gradients from underflowing; bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
+    channels_last = use_channels_last(train_cfg["channels_last"], model, dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     history: list[dict[str, float]] = []
     first = 0
     best_value = math.inf if mode == "min" else -math.inf
@@ -561,7 +648,8 @@ def fit(
     # registers only the parameters that require grad when it is made.
     net = make_net(model, world, dev, config)
 
-    loader_args = {"num_workers": train_cfg["num_workers"], "pin_memory": dev.type == "cuda"}
+    workers = loader_workers(train_cfg["num_workers"], data, world)
+    loader_args = {"num_workers": workers, "pin_memory": dev.type == "cuda", "persistent_workers": workers > 0}
     # The shuffle order depends on the seed and the epoch alone (set_epoch is
     # the sampler's whole state), so a resumed run sees exactly the batches an
     # uninterrupted one would, and rank r takes every world.size-th sample of
@@ -571,6 +659,10 @@ def fit(
     val_shard = Subset(val_set, range(world.rank, len(val_set), world.size))
     val_loader = DataLoader(val_shard, train_cfg["batch_size"], **loader_args)
     board = board_writer(out / "tensorboard", purge_step=first) if board_writer else None
+    caching, why = cache_decision(model, train_cfg["cache_features"], cache_risks(data, config, world))
+    if world.main:
+        print(f"feature cache: {'on' if caching else 'off'} ({why})")
+    cache: tuple[CachedBatches, CachedBatches] | None = None
     ran = 0
     for epoch in range(first, epochs):
         while state.stages_done < len(stages) and stages[state.stages_done].epoch <= epoch:
@@ -584,15 +676,29 @@ def fit(
             if world.main:
                 write_json(out / "freeze_manifest.json", manifest(model, state, groups))
                 print(stage_line(model, epoch, stage, names, new))
+            if caching and names:
+                caching, cache = False, None
+                if world.main:
+                    print(f"epoch {epoch}: feature cache dropped, the backbone trains from here")
         sampler.set_epoch(epoch)
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         desc = f"epoch {epoch}" if show_progress(world) else None
-        sums = train_one_epoch(net, train_loader, optimizer, scaler, dev, use_amp, desc)
+        if caching and cache is None:
+            cache = build_cache(model, train_set, val_set, sampler, train_cfg["batch_size"], dev, amp)
+        if cache is not None:
+            # Only the head runs: the same batches in the same order, minus the backbone.
+            head = model.get_submodule(HEAD)
+            sums = train_one_epoch(head, cache[0], optimizer, scaler, dev, amp, desc)
+        else:
+            sums = train_one_epoch(net, train_loader, optimizer, scaler, dev, amp, desc, channels_last)
         loss_sum, correct, count = all_sum(list(sums), world, dev)
         sync_buffers(model, world)
         check_in_sync(model, world)
-        val_loss, val_acc = evaluate(model, val_loader, dev, world)
+        if cache is not None:
+            val_loss, val_acc = evaluate(head, cache[1], dev, world)
+        else:
+            val_loss, val_acc = evaluate(model, val_loader, dev, world, channels_last)
         scheduler.step()
         seconds = time.perf_counter() - started
         row = {
