@@ -66,7 +66,9 @@ def head_inputs(
     """
     captured: list[torch.Tensor] = []
     head = model.get_submodule(HEAD)
-    hook = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+    # Kept in float32: a bf16/fp16 value converts exactly, autocast casts it
+    # back for a training step, and evaluation (no autocast) needs float32.
+    hook = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach().float()))
     labels = []
     model.train()  # as the training step runs it; nothing left in the backbone depends on the mode
     try:

@@ -383,9 +383,13 @@ def build_cache(
     device: torch.device,
     amp: torch.dtype | None,
 ) -> tuple[CachedBatches, CachedBatches]:
-    """Head inputs of the whole train and val sets, batched as the loaders would batch them."""
+    """Head inputs of the whole train and val sets, batched as the loaders would batch them.
+
+    Train features under the training step's autocast, val features without
+    it, as evaluate() runs the model.
+    """
     train_features, train_labels = head_inputs(model, train_set, batch_size, device, amp)
-    val_features, val_labels = head_inputs(model, val_set, batch_size, device, amp)
+    val_features, val_labels = head_inputs(model, val_set, batch_size, device, None)
     return (
         CachedBatches(train_features, train_labels, sampler, batch_size),
         CachedBatches(val_features, val_labels, range(len(val_set)), batch_size),
