@@ -149,9 +149,12 @@ def test_channels_last_computes_what_nchw_computes(tmp_path, config, monkeypatch
     model.to(memory_format=torch.channels_last)
     got = model(x.to(memory_format=torch.channels_last))
     got.square().mean().backward()
-    assert torch.allclose(got, expected, atol=1e-5)
+    # Other kernels sum in another order (measured on resnet18: 5e-5 on the
+    # logits, 4e-4 of a gradient's largest entry); a layout mix-up is O(1).
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=2e-4)
     for name, grad in grads.items():
-        assert torch.allclose(dict(model.named_parameters())[name].grad, grad, atol=1e-5), name
+        error = (dict(model.named_parameters())[name].grad - grad).abs().max()
+        assert error <= 3e-3 * grad.abs().max(), f"{name}: {error}"
 
     torch.manual_seed(config["train"]["seed"])
     frozen = {n: p.detach().clone() for n, p in prepare_model(config)[0].named_parameters() if not p.requires_grad}

@@ -102,6 +102,7 @@ def cmd_layers(args: argparse.Namespace, config: dict) -> int:
 
 
 def cmd_train(args: argparse.Namespace, config: dict) -> int:
+    finished = False
     try:
         fit(
             config,
@@ -114,8 +115,9 @@ def cmd_train(args: argparse.Namespace, config: dict) -> int:
             device=args.device,
             freeze_from=args.freeze_from,
         )
+        finished = True
     finally:
-        stop()  # under torchrun: leave the process group cleanly
+        stop(wait=finished)  # under torchrun: leave the process group together
     return 0
 
 

@@ -74,9 +74,17 @@ def start(device: str | None) -> tuple[World, torch.device]:
     return World(dist.get_rank(), dist.get_world_size(), distributed=True), dev
 
 
-def stop() -> None:
-    """Leave the process group, if this process joined one."""
+def stop(wait: bool = True) -> None:
+    """Leave the process group, if this process joined one.
+
+    `wait` first meets every rank at a barrier, so none tears its connections
+    down while another still uses them (a rank that left early has aborted
+    gloo's teardown here). After an error there is no waiting: the other
+    ranks may never arrive.
+    """
     if dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
