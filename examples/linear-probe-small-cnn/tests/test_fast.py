@@ -106,6 +106,8 @@ def test_auto_says_why_it_does_not_cache_and_true_refuses(config, change, reason
         cache_decision(model, True, [])
     on, why = cache_decision(model, "auto", ["training images are randomly augmented"])
     assert not on and "augmented" in why
+    with pytest.raises(ConfigError, match='must be true, false or "auto"'):
+        cache_decision(model, "yes", [])
 
 
 def test_bf16_autocast_on_the_cpu_trains_and_keeps_frozen_tensors(tmp_path, config, monkeypatch):

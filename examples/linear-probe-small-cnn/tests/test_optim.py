@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import frozen_names
+from conftest import frozen_names, has_params
 
 from linear_probe_small_cnn.freeze import FreezeSpecError
 from linear_probe_small_cnn.model import HEAD, build_model
@@ -67,7 +67,7 @@ def test_layer_decay_scales_each_top_level_child(config):
     config["train"]["layer_decay"] = 0.5
     config["train"]["no_decay_norm_bias"] = False
     model = build_model(config["model"]["num_classes"])
-    blocks = [n for n, c in model.named_children() if any(True for _ in c.parameters())]
+    blocks = [n for n, c in model.named_children() if has_params(c)]
     groups = param_groups(model, config, [n for n, _ in model.named_parameters()], "all")
     rate = {p: g["lr_mult"] for g in groups for p in g["params"]}
     for depth, block in enumerate(reversed(blocks)):

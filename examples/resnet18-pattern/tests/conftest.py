@@ -60,6 +60,10 @@ def to_toml(config: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def has_params(module: torch.nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
 def frozen_names(model: torch.nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if not p.requires_grad]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import frozen_names, to_toml
+from conftest import frozen_names, has_params, to_toml
 
 from staged_small_cnn.cli import main
 from staged_small_cnn.freeze import FreezeSpecError, freeze, resolve
@@ -19,10 +19,6 @@ def model(config):
 
 def picked(model, *selectors):
     return resolve(model, list(selectors), "test")[1].params
-
-
-def has_params(module):
-    return any(True for _ in module.parameters())
 
 
 def inside(model, module):

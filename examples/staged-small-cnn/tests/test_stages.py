@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import to_toml
+from conftest import has_params, to_toml
 
 from staged_small_cnn import train
 from staged_small_cnn.checkpoint import torch_load
@@ -26,7 +26,7 @@ def stage_plan(config: dict) -> tuple[str, list[str], list[str]]:
     whole = [
         name
         for name, child in model.named_children()
-        if any(True for _ in child.parameters()) and all(f"{name}.{n}" in frozen for n, _ in child.named_parameters())
+        if has_params(child) and all(f"{name}.{n}" in frozen for n, _ in child.named_parameters())
     ]
     first = whole[-1]
     config["unfreeze"]["stages"] = [

@@ -133,11 +133,17 @@ def checkpoint_blocks(model: nn.Module) -> list[str]:
     behind a frozen prefix. The head (last child with parameters) is left
     alone; its activations are small.
     """
-    blocks = [(name, child) for name, child in model.named_children() if any(True for _ in child.parameters())]
-    for _, child in blocks[:-1]:
+    blocks = blocks_with_parameters(model)[:-1]
+    for name in blocks:
+        child = model.get_submodule(name)
         forward, contexts = child.forward, functools.partial(_recompute_contexts, child)
         child.forward = functools.partial(activation_checkpoint, forward, use_reentrant=False, context_fn=contexts)
-    return [name for name, _ in blocks[:-1]]
+    return blocks
+
+
+def blocks_with_parameters(model: nn.Module) -> list[str]:
+    """Top-level children that hold parameters, in order; the last is the head."""
+    return [name for name, child in model.named_children() if any(True for _ in child.parameters())]
 
 
 def _recompute_contexts(block: nn.Module) -> tuple[contextlib.AbstractContextManager, ...]:
@@ -173,7 +179,7 @@ def lr_factors(model: nn.Module, config: dict) -> dict[str, float]:
     to multipliers, applied on top, the last matching selector winning.
     """
     train_cfg = config["train"]
-    blocks = [name for name, child in model.named_children() if any(True for _ in child.parameters())]
+    blocks = blocks_with_parameters(model)
     factors = {}
     for name, _ in model.named_parameters():
         top = name.split(".")[0]
@@ -236,15 +242,12 @@ def make_optimizer(model: nn.Module, config: dict, groups: list[dict[str, Any]] 
     """
     if groups is None:
         groups = param_groups(model, config, trainable_names(model), "trainable")
-    lr = config["train"]["lr"]
-    optimizer = torch.optim.AdamW(
-        [torch_group(model, group, lr) for group in groups], lr=lr, weight_decay=config["train"]["weight_decay"]
-    )
-    return optimizer
+    lr, params = config["train"]["lr"], dict(model.named_parameters())
+    torch_groups = [torch_group(params, group, lr) for group in groups]
+    return torch.optim.AdamW(torch_groups, lr=lr, weight_decay=config["train"]["weight_decay"])
 
 
-def torch_group(model: nn.Module, group: dict[str, Any], lr: float) -> dict[str, Any]:
-    params = dict(model.named_parameters())
+def torch_group(params: dict[str, nn.Parameter], group: dict[str, Any], lr: float) -> dict[str, Any]:
     # Everything but the tensors travels in the optimizer's state_dict too.
     meta = {k: v for k, v in group.items() if k != "params"}
     return {**meta, "params": [params[name] for name in group["params"]], "lr": lr * group["lr_mult"]}
@@ -290,9 +293,10 @@ def add_groups(
     its initial_lr, a base_lr and a factor, and starts at the lr the
     schedule gives it for the current epoch.
     """
+    params = dict(model.named_parameters())
     for group in groups:
         factor = lr_factor(epochs, group["start_epoch"], group["warmup_epochs"])
-        torch_form = torch_group(model, group, config["train"]["lr"])
+        torch_form = torch_group(params, group, config["train"]["lr"])
         base_lr = torch_form["lr"]
         optimizer.add_param_group({**torch_form, "initial_lr": base_lr, "lr": base_lr * factor(scheduler.last_epoch)})
         scheduler.base_lrs.append(base_lr)

@@ -29,6 +29,10 @@ def cache_decision(model: nn.Module, setting: str | bool, reasons_against: list[
     insists (an error when it is not safe), false never caches.
     `reasons_against` come from the caller (augmented data, torchrun).
     """
+    if setting is False:
+        return False, "train.cache_features = false"
+    if setting is not True and setting != "auto":
+        raise ConfigError(f'train.cache_features must be true, false or "auto", got {setting!r}')
     reasons = list(reasons_against)
     inside_head = HEAD + "."
     training = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith(inside_head)]
@@ -44,14 +48,10 @@ def cache_decision(model: nn.Module, setting: str | bool, reasons_against: list[
     ]
     if dropout:
         reasons.append(f"{dropout[0]} draws a random dropout mask each step")
-    if setting is False:
-        return False, "train.cache_features = false"
     if not reasons:
         return True, "only the head trains and the backbone computes the same features every epoch"
     if setting is True:
         raise ConfigError(f"train.cache_features = true, but the backbone's output changes: {'; '.join(reasons)}")
-    if setting != "auto":
-        raise ConfigError(f'train.cache_features must be true, false or "auto", got {setting!r}')
     return False, "; ".join(reasons)
 
 

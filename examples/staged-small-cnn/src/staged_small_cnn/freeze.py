@@ -232,15 +232,15 @@ def freeze(model: nn.Module, spec: Sequence[Selector], bn_overrides: dict[str, s
 
 def bn_modes(model: nn.Module, frozen: set[str], overrides: dict[str, str]) -> dict[str, str]:
     """Each BatchNorm layer's mode: bn_policy by frozen part, then freeze.bn_modes in order."""
+    layers = batchnorm_layers(model)
     modes = {}
-    for name, module in batchnorm_layers(model).items():
+    for name, module in layers.items():
         inside = [f"{name}.{n}" for n, _ in module.named_parameters()]
         if not inside:  # no affine: the layer goes with the part around it
             parent = name.rpartition(".")[0]
             inside = [f"{parent}.{n}".lstrip(".") for n, _ in model.get_submodule(parent).named_parameters()]
         in_frozen = any(n in frozen for n in inside)
         modes[name] = "eval+frozen_affine" if in_frozen else "eval"
-    layers = batchnorm_layers(model)
     for selector, mode in overrides.items():
         if mode not in BN_MODES:
             raise FreezeSpecError(f"freeze.bn_modes: {selector!r} = {mode!r}; a mode is one of {', '.join(BN_MODES)}")
@@ -362,7 +362,9 @@ def state_from_manifest(model: nn.Module, data: dict[str, Any], source: str) -> 
     except (KeyError, TypeError, ValueError) as err:
         raise FreezeSpecError(f"{source} is not a freeze manifest this project wrote (missing {err})") from None
     params = [name for name, _ in model.named_parameters()]
-    for name in sorted(frozen - set(params)):
+    unknown = sorted(frozen - set(params))
+    if unknown:
+        name = unknown[0]
         raise FreezeSpecError(f"{source}: {name!r} is not a parameter of the model{_closest(name, params)}")
     layers = list(batchnorm_layers(model))
     for name, mode in modes.items():
