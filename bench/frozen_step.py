@@ -49,16 +49,20 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def load_project(project: Path) -> dict:
+    """The rendered project's modules, imported from its src/ folder."""
+    sys.path.insert(0, str(project / "src"))
+    package = next(p.name for p in (project / "src").iterdir() if (p / "train.py").is_file())
+    return {m: importlib.import_module(f"{package}.{m}") for m in ("train", "config", "data", "model")}
+
+
 def measure(project: Path, model_name: str, variant: str, size: int, batch: int, steps: int) -> dict:
     """One variant, in this process: median step seconds and peak memory in MiB."""
     import torch
     from torch import nn
 
-    sys.path.insert(0, str(project / "src"))
-    package = next(p.name for p in (project / "src").iterdir() if (p / "train.py").is_file())
-    model_mod = importlib.import_module(f"{package}.model")
-    train = importlib.import_module(f"{package}.train")
-    config_mod = importlib.import_module(f"{package}.config")
+    modules = load_project(project)
+    model_mod, train, config_mod = modules["model"], modules["train"], modules["config"]
     model_mod.ARCH = model_name
     config = config_mod.load_config()
     config["model"]["pretrained"] = False

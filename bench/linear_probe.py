@@ -20,7 +20,6 @@ built in the first). Lightning is a bench-only dependency: pip install lightning
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import platform
 import statistics
@@ -31,15 +30,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from frozen_step import load_project  # noqa: E402 - the sibling script, not a package
+
 DEPTHS = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
 DEPTH_LABELS = ["stem", "+layer1", "+layer2", "+layer3", "+layer4"]
-
-
-def load(project: Path):
-    sys.path.insert(0, str(project / "src"))
-    package = next(p.name for p in (project / "src").iterdir() if (p / "train.py").is_file())
-    modules = {m: importlib.import_module(f"{package}.{m}") for m in ("train", "config", "data", "model")}
-    return modules
 
 
 def probe_config(modules, args) -> dict:
@@ -51,7 +46,7 @@ def probe_config(modules, args) -> dict:
 
 
 def run_fit(project: Path, args, cache: bool) -> dict:
-    modules = load(project)
+    modules = load_project(project)
     config = probe_config(modules, args)
     config["freeze"]["patterns"] = ["!fc"]  # a linear probe: everything but the head
     config["unfreeze"]["stages"] = []
@@ -69,7 +64,7 @@ def run_lightning(project: Path, args) -> dict:
     from torch import nn
     from torch.utils.data import DataLoader
 
-    modules = load(project)
+    modules = load_project(project)
     config = probe_config(modules, args)
     torch.manual_seed(config["train"]["seed"])
     model = modules["model"].build_model(config["model"]["num_classes"])
@@ -137,7 +132,7 @@ def run_lightning(project: Path, args) -> dict:
 def run_depth(project: Path, args, depth: int) -> dict:
     import torch
 
-    modules = load(project)
+    modules = load_project(project)
     config = probe_config(modules, args)
     config["freeze"]["patterns"] = [f"{name}.*" for stage in DEPTHS[: depth + 1] for name in stage]
     config["unfreeze"]["stages"] = []
