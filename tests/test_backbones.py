@@ -1,0 +1,106 @@
+"""Every backbone, rendered with every kind of freeze_by, trains an epoch on CPU and leaves frozen tensors alone.
+
+Each render is imported in this process (its package name is unique), built
+from weights the test saves itself (nothing is downloaded), and trained for
+one epoch on a tiny synthetic set at the smallest input the model takes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from scaffold.render import render
+from tests.conftest import ROOT
+
+# Answers beyond `backbone` per backbone value; timm trains its smallest ViT.
+BACKBONES: dict[str, dict] = {
+    "small_cnn": {},
+    "resnet18": {},
+    "resnet50": {},
+    "vgg16_bn": {},
+    "mobilenet_v3_large": {},
+    "efficientnet_b0": {},
+    "convnext_tiny": {},
+    "vit_b_16": {},
+    "timm": {"timm_model": "vit_tiny_patch16_224"},
+    "custom": {},
+}
+FREEZE_BY = ["backbone", "name", "index", "pattern"]
+
+
+def load(project: Path, package: str, module: str):
+    sys.path.insert(0, str(project / "src"))
+    try:
+        return importlib.import_module(f"{package}.{module}")
+    finally:
+        sys.path.remove(str(project / "src"))
+
+
+def tiny_config(project: Path, package: str) -> dict:
+    config = load(project, package, "config").load_config()
+    config["train"].update(epochs=1, batch_size=8, num_workers=0)
+    if "image_size" in config["train"]:
+        config["train"]["image_size"] = 32
+    if "synthetic_train_size" in config["data"]:
+        config["data"].update(synthetic_train_size=16, synthetic_val_size=8)
+    if "pretrained" in config["model"]:
+        config["model"]["pretrained"] = False
+    return config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("freeze_by", FREEZE_BY)
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_every_backbone_trains_an_epoch_with_each_freeze_kind(tmp_path, backbone, freeze_by):
+    package = f"bb_{backbone}_{freeze_by}"
+    answers = {"project_name": package, "backbone": backbone, "freeze_by": freeze_by, **BACKBONES[backbone]}
+    project = render(tmp_path / package, {**answers, "checkpoint_formats": ["state_dict"]}, src=ROOT)
+    config = tiny_config(project, package)
+    model_module = load(project, package, "model")
+    torch.manual_seed(0)
+    init = model_module.build_model(config).state_dict()
+    torch.save(init, tmp_path / "init.pt")
+
+    out = tmp_path / "run"
+    load(project, package, "train").fit(config, out, epochs=1, init=tmp_path / "init.pt", device="cpu")
+
+    manifest = json.loads((out / "freeze_manifest.json").read_text())
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert manifest["frozen"], "the default spec froze nothing"
+    for key in manifest["frozen"]:
+        assert torch.equal(best[key], init[key]), f"{key} is frozen but moved"
+    for layer, mode in manifest["bn_modes"].items():
+        if mode != "train":
+            for stat in ("running_mean", "running_var"):
+                assert torch.equal(best[f"{layer}.{stat}"], init[f"{layer}.{stat}"]), f"{layer}.{stat} moved"
+    head = [key for key in init if key.startswith(model_module.HEAD + ".")]
+    assert head and any(not torch.equal(best[key], init[key]) for key in head), "the head did not train"
+    if backbone == "custom" and freeze_by == "name":
+        # The shipped character model: the seeds' "freeze fc1" recipe, and fc3 with it.
+        assert sorted(manifest["frozen"]) == ["fc1.bias", "fc1.weight", "fc3.bias", "fc3.weight"]
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[0].startswith("epoch,train_loss")
+
+
+# One model of each family the timm defaults know, smallest first.
+TIMM_FAMILIES = ["vit_small_patch16_224", "resnet10t", "convnext_atto", "efficientnet_b0", "mobilenetv3_small_050"]
+
+
+@pytest.mark.parametrize("timm_model", TIMM_FAMILIES)
+def test_timm_defaults_resolve_on_every_family(tmp_path, timm_model):
+    head = timm.get_pretrained_cfg(timm_model).classifier
+    for freeze_by in ("name", "index", "pattern"):
+        package = f"timm_{freeze_by}_{timm_model}"
+        answers = {"project_name": package, "backbone": "timm", "timm_model": timm_model, "freeze_by": freeze_by}
+        project = render(tmp_path / package, answers, src=ROOT)
+        assert f'HEAD = "{head}"' in (project / "src" / package / "model.py").read_text()
+        config = tiny_config(project, package)
+        prepared, state = load(project, package, "train").prepare_model(config)
+        assert state.frozen and any(p.requires_grad for p in prepared.get_submodule(head).parameters())
