@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .matrix import format_results, run_matrix
-from .render import package_name, parse_data, render
+from .render import backbone_answers, complete_answers, package_name, parse_data, render
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     new.add_argument("--data", action="append", default=[], metavar="KEY=VALUE", help="an answer; repeatable")
 
     layers = commands.add_parser("layers", help="print a backbone's layer table before generating")
-    layers.add_argument("backbone", help="a backbone answer, e.g. small_cnn or resnet18")
+    layers.add_argument(
+        "backbone",
+        help="a backbone answer (small_cnn, resnet50, ...), timm:<model name>, or module:factory for your own model",
+    )
     layers.add_argument("--json", action="store_true")
     layers.add_argument(
         "--spec", action="append", metavar="SELECTORS", help="dry run of a freeze spec on the backbone (repeatable)"
@@ -37,7 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def cmd_new(args: argparse.Namespace) -> int:
-    dest = render(args.dest, parse_data(args.data), quiet=False)
+    dest = render(args.dest, complete_answers(parse_data(args.data)), quiet=False)
     print(f"rendered {dest}; next: pip install -e {dest} && {package_name(dest)} layers")
     return 0
 
@@ -46,8 +49,10 @@ def cmd_layers(args: argparse.Namespace) -> int:
     # The table comes from the generated code itself, so it cannot disagree
     # with what a rendered project would print.
     with tempfile.TemporaryDirectory(prefix="freeze-layers-") as tmp:
-        project = render(Path(tmp) / "p", {"backbone": args.backbone, "freeze_by": "none", "bn_policy": "train"})
-        env = {**os.environ, "PYTHONPATH": str(project / "src")}
+        answers = {**backbone_answers(args.backbone), "freeze_by": "none", "bn_policy": "train"}
+        project = render(Path(tmp) / "p", complete_answers(answers))
+        # The current directory too: a custom factory usually lives there.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(project / "src"), os.getcwd()])}
         command = [sys.executable, "-m", package_name(project), "layers"] + (["--json"] if args.json else [])
         command += [arg for spec in args.spec or [] for arg in ("--spec", spec)]
         return subprocess.run(command, env=env).returncode

@@ -21,7 +21,18 @@ from typing import Any
 from .render import render
 
 DIMENSIONS: dict[str, list[Any]] = {
-    "backbone": ["small_cnn", "resnet18"],
+    "backbone": [
+        "small_cnn",
+        "resnet18",
+        "resnet50",
+        "vgg16_bn",
+        "mobilenet_v3_large",
+        "efficientnet_b0",
+        "convnext_tiny",
+        "vit_b_16",
+        "timm",
+        "custom",
+    ],
     "freeze_by": ["backbone", "name", "index", "pattern", "none"],
     "bn_policy": ["train", "eval_frozen", "eval_all", "replace_frozen"],
     "checkpoint_formats": [("state_dict",), ("safetensors",), ("full",), ("state_dict", "safetensors", "full")],
@@ -29,8 +40,17 @@ DIMENSIONS: dict[str, list[Any]] = {
 }
 
 
+# Backbones without BatchNorm (timm's default ViT; custom's shipped character
+# model): copier.yml does not ask bn_policy, so only its default occurs.
+WITHOUT_BATCHNORM = {"convnext_tiny", "vit_b_16", "timm", "custom"}
+
+
 def is_valid(row: dict[str, Any]) -> bool:
-    """The pruning rules, in one place: what copier.yml's validators reject."""
+    """The pruning rules, in one place: what copier.yml's validators reject, and unasked questions."""
+    if row["backbone"] in WITHOUT_BATCHNORM:
+        default = "train" if row["freeze_by"] == "none" else "eval_frozen"
+        if row["bn_policy"] != default:
+            return False
     if row["freeze_by"] == "none":
         # Nothing frozen: no BN inside frozen parts, nothing to unfreeze.
         return row["bn_policy"] in ("train", "eval_all") and row["unfreeze_at_epoch"] == 0

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,52 @@ def parse_data(pairs: list[str]) -> dict[str, Any]:
             raise ValueError(f"--data {pair!r}: expected key=value")
         data[key] = yaml.safe_load(value) if key in YAML_ANSWERS else value
     return data
+
+
+def backbone_answers(backbone: str) -> dict[str, Any]:
+    """`layers` arguments as answers: a backbone value, `timm:<model>`, or `module:factory`."""
+    if backbone.startswith("timm:"):
+        return {"backbone": "timm", "timm_model": backbone.removeprefix("timm:")}
+    if ":" in backbone:
+        return {"backbone": "custom", "custom_model": backbone, "custom_data": "", "custom_head": last_layer(backbone)}
+    return {"backbone": backbone}
+
+
+def last_layer(factory: str) -> str:
+    """The last module with parameters of factory(2)'s model: where a classifier usually sits."""
+    module_name, _, attr = factory.partition(":")
+    sys.path.insert(0, os.getcwd())  # where a user's own module usually sits
+    try:
+        model = getattr(importlib.import_module(module_name), attr)(2)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{factory}: cannot build the model ({err})") from None
+    finally:
+        sys.path.remove(os.getcwd())
+    names = [name for name, m in model.named_modules() if name and any(True for _ in m.parameters(recurse=False))]
+    if not names:
+        raise ValueError(f"{factory}: the model has no parameters")
+    return names[-1]
+
+
+def complete_answers(data: dict[str, Any]) -> dict[str, Any]:
+    """Check a timm model name against the installed timm and fill in its classifier.
+
+    copier.yml can only check the spelling of a name (its validators run no
+    Python); here, where timm is importable, the name is checked against
+    timm.list_models() and timm_head is read from the model's pretrained_cfg.
+    """
+    if data.get("backbone") != "timm" or "timm_model" not in data:
+        return data
+    try:
+        import timm
+    except ImportError:
+        return data  # the generated project checks the name at start
+    name = data["timm_model"]
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name.partition(".")[0], timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        raise ValueError(f"timm_model {name!r} is not in timm {timm.__version__}'s list_models(){hint}")
+    return {"timm_head": timm.get_pretrained_cfg(name).classifier, **data}
 
 
 def render(dest: str | Path, data: dict[str, Any], *, src: str | Path | None = None, quiet: bool = True) -> Path:

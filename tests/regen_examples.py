@@ -17,6 +17,7 @@ EXAMPLES = {
         "checkpoint_formats": ["state_dict", "safetensors", "full"],
         "unfreeze_at_epoch": 1,
     },
+    "custom-char-model": {"project_name": "custom-char-model", "backbone": "custom", "freeze_by": "name"},
     "resnet18-pattern": {
         "project_name": "resnet18-pattern",
         "backbone": "resnet18",

@@ -17,6 +17,7 @@ import timm
 import torch
 
 from scaffold.render import render
+from tests.backbone_table import readme_table, table
 from tests.conftest import ROOT
 
 # Answers beyond `backbone` per backbone value; timm trains its smallest ViT.
@@ -104,3 +105,7 @@ def test_timm_defaults_resolve_on_every_family(tmp_path, timm_model):
         config = tiny_config(project, package)
         prepared, state = load(project, package, "train").prepare_model(config)
         assert state.frozen and any(p.requires_grad for p in prepared.get_submodule(head).parameters())
+
+
+def test_the_readme_backbone_table_matches_the_generated_code():
+    assert readme_table((ROOT / "README.md").read_text()) == table(), "run `python -m tests.backbone_table`"

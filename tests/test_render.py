@@ -40,12 +40,15 @@ def expected_files(row: dict, package: str) -> set[str]:
             for t in (
                 *("conftest", "test_batchnorm", "test_checkpoint", "test_cuda", "test_ddp"),
                 *("test_export", "test_fast", "test_feedback", "test_freeze", "test_optim", "test_stages"),
-                "test_train",
+                *("test_train", "test_model"),
             )
         ),
     }
-    if row["backbone"] == "resnet18":
-        files.add("tests/test_model.py")
+    if row["backbone"] == "custom":
+        # The shipped example: a character model and its sequence data.
+        files.add(f"{src}/char_model.py")
+    else:
+        files.add("tests/test_data.py")
     if "full" in row["checkpoint_formats"]:
         files.add("tests/test_resume.py")
     return files
@@ -106,8 +109,10 @@ def test_options_not_chosen_leave_no_code(renders):
         assert ("\n[[unfreeze.stages]]" in config) == bool(row["unfreeze_at_epoch"] and row["freeze_by"] != "none")
         policy = (src / "freeze.py").read_text()
         assert ("in_frozen" in policy) == (row["bn_policy"] != "train"), "the train policy needs no part test"
-        deps = (project / "pyproject.toml").read_text()
-        assert ('"torchvision>=' in deps.split("[project.optional-dependencies]")[0]) == (row["backbone"] == "resnet18")
+        deps = (project / "pyproject.toml").read_text().split("[project.optional-dependencies]")[0]
+        torchvision = row["backbone"] not in ("small_cnn", "timm", "custom")
+        assert ('"torchvision>=' in deps) == torchvision, "torchvision only for torchvision backbones"
+        assert ('"timm>=' in deps) == (row["backbone"] == "timm"), "timm only for timm"
 
 
 def actionlint(workflows: list[Path]) -> list[dict]:

@@ -16,7 +16,7 @@ from linear_probe_small_cnn.batchnorm import (
     plain_batchnorm,
     set_mode,
 )
-from linear_probe_small_cnn.data import make_datasets
+from linear_probe_small_cnn.data import DEFAULT_DATA, example_inputs, make_datasets
 from linear_probe_small_cnn.freeze import FreezeSpecError
 from linear_probe_small_cnn.model import build_model
 from linear_probe_small_cnn.train import make_optimizer, prepare_model, train_one_epoch
@@ -32,7 +32,7 @@ def with_mode(config, mode):
 
 
 def train_steps(model, config):
-    train_set, _ = make_datasets("synthetic", config)
+    train_set, _ = make_datasets(DEFAULT_DATA, config)
     optimizer = make_optimizer(model, config)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loader = DataLoader(train_set, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
@@ -97,7 +97,7 @@ def test_fixed_statistics_normalise_the_same_in_train_and_eval(config, mode):
 @pytest.mark.parametrize("mode", BN_MODES)
 def test_modes_keep_the_state_dict_keys(config, mode):
     model = with_mode(config, mode)
-    assert list(model.state_dict()) == list(build_model(config["model"]["num_classes"]).state_dict())
+    assert list(model.state_dict()) == list(build_model(config).state_dict())
 
 
 def test_the_policy_sets_the_default_mode_by_part(config):
@@ -110,7 +110,7 @@ def test_the_policy_sets_the_default_mode_by_part(config):
 
 
 def test_later_selectors_override_earlier_ones(config):
-    layers = list(batchnorm_layers(build_model(config["model"]["num_classes"])))
+    layers = list(batchnorm_layers(build_model(config)))
     config["freeze"]["bn_modes"] = {"type:BatchNorm2d": "frozen", layers[-1]: "train"}
     model, state = prepare_model(config)
     assert state.bn_modes[layers[-1]] == "train" and state.bn_modes[layers[0]] == "frozen"
@@ -161,7 +161,7 @@ def test_every_batchnorm_class_is_covered(mode):
 
 def test_frozen_layers_convert_back_to_plain_batchnorm_for_export(config):
     model = with_mode(config, "frozen").eval()
-    x = torch.randn(2, 3, 32, 32)
+    x = example_inputs(config, 2)
     expected = model(x)
     plain_batchnorm(model)
     assert not any(isinstance(m, FrozenBatchNorm) for m in model.modules())
@@ -173,7 +173,7 @@ def test_frozen_layers_fold_into_the_preceding_convolution(config):
     model = with_mode(config, "frozen").eval()
     for layer in batchnorm_layers(model).values():
         layer.running_mean.uniform_(-0.5, 0.5)  # statistics a fold could get wrong
-    x = torch.randn(2, 3, 32, 32)
+    x = example_inputs(config, 2)
     expected = model(x)
     folded = fold_batchnorm(model)
     assert folded, "no BatchNorm followed a convolution"

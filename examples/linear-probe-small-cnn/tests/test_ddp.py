@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import to_toml, torchrun
+from conftest import shrink, to_toml, torchrun
 
 from linear_probe_small_cnn import train
 from linear_probe_small_cnn.checkpoint import RunFiles
@@ -58,7 +58,7 @@ def ddp_fit(tmp_path: Path, config: dict, out: Path | None, **options) -> list[d
 @pytest.fixture
 def config(config: dict) -> dict:
     # 16 samples per process and step; both datasets split evenly over the ranks.
-    config["data"].update(synthetic_train_size=128, synthetic_val_size=64)
+    shrink(config, 128, 64)
     return config
 
 

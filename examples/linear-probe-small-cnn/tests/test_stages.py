@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import has_params, to_toml
+from conftest import has_params, shrink, to_toml
 
 from linear_probe_small_cnn import train
 from linear_probe_small_cnn.checkpoint import torch_load
@@ -132,7 +132,7 @@ def test_compiled_model_is_rebuilt_at_a_stage(tmp_path, config, monkeypatch):
     first, a, b = stage_plan(config)
     config["unfreeze"]["stages"] = [{"epoch": 1, "select": first}]
     config["train"].update(compile=True, compile_backend="aot_eager")
-    config["data"].update(synthetic_train_size=64, synthetic_val_size=32)
+    shrink(config, 64, 32)
     seen, models = spy_on_epochs(monkeypatch)
     train.fit(config, tmp_path / "run", epochs=2, device="cpu")
     (w0, _), (w1, _) = seen
@@ -189,6 +189,6 @@ def test_resume_after_a_stage_keeps_the_released_part_training(tmp_path, config)
 
 
 def test_every_default_stage_resolves(config):
-    model = build_model(config["model"]["num_classes"])
+    model = build_model(config)
     for i, stage in enumerate(train.parse_stages(config["unfreeze"]["stages"])):
         train.resolve(model, stage.select, f"stage {i}")

@@ -31,10 +31,15 @@ def small_config() -> dict:
     """The packaged config with a dataset small enough for a test."""
     cfg = load_config()
     cfg["train"].update(epochs=2, batch_size=32, image_size=32)
-    cfg["data"].update(synthetic_train_size=256, synthetic_val_size=128)
+    shrink(cfg, 256, 128)
     # Tests make their own weights; nothing is downloaded.
     cfg["model"]["pretrained"] = False
     return cfg
+
+
+def shrink(config: dict, train_size: int, val_size: int) -> None:
+    """A synthetic dataset of these sizes."""
+    config["data"].update(synthetic_train_size=train_size, synthetic_val_size=val_size)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import to_toml, torchrun
+from conftest import shrink, to_toml, torchrun
 
 from resnet18_pattern.checkpoint import RunFiles
 
@@ -54,7 +54,7 @@ def ddp_fit(tmp_path: Path, config: dict, out: Path | None, **options) -> list[d
 @pytest.fixture
 def config(config: dict) -> dict:
     # 16 samples per process and step; both datasets split evenly over the ranks.
-    config["data"].update(synthetic_train_size=128, synthetic_val_size=64)
+    shrink(config, 128, 64)
     return config
 
 

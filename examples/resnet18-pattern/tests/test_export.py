@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from resnet18_pattern.cli import main
+from resnet18_pattern.data import example_inputs
 from resnet18_pattern.export import ExportError, export
 from resnet18_pattern.model import build_model
 
@@ -24,7 +25,7 @@ FORMATS = [
 def weights(tmp_path, config):
     torch.manual_seed(7)
     path = tmp_path / "best.pt"
-    torch.save(build_model(config["model"]["num_classes"]).state_dict(), path)
+    torch.save(build_model(config).state_dict(), path)
     return path
 
 
@@ -38,12 +39,11 @@ def test_export_matches_eager_and_reports_the_error(tmp_path, config_file, weigh
 
 
 def test_pt2_export_keeps_the_batch_size_free(tmp_path, config, weights):
-    model = build_model(config["model"]["num_classes"])
+    model = build_model(config)
     model.load_state_dict(torch.load(weights, weights_only=True))
-    export(model, "pt2", tmp_path / "m.pt2", config["train"]["image_size"])
+    export(model, "pt2", tmp_path / "m.pt2", example_inputs(config, 2))
     exported = torch.export.load(tmp_path / "m.pt2").module()
-    size = config["train"]["image_size"]
-    x = torch.randn(5, 3, size, size)
+    x = example_inputs(config, 5)
     with torch.no_grad():
         assert torch.allclose(exported(x), model.eval()(x), atol=1e-5)
 
@@ -51,7 +51,7 @@ def test_pt2_export_keeps_the_batch_size_free(tmp_path, config, weights):
 def test_onnx_without_its_extra_says_how_to_install_it(tmp_path, config, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # None makes the import fail
     with pytest.raises(ExportError, match=r"pip install -e '\.\[onnx\]'"):
-        export(build_model(config["model"]["num_classes"]), "onnx", tmp_path / "m.onnx", 32)
+        export(build_model(config), "onnx", tmp_path / "m.onnx", example_inputs(config, 2))
     assert not (tmp_path / "m.onnx").exists()
 
 
@@ -70,9 +70,8 @@ def test_fold_bn_export_has_no_batchnorm_left_and_still_matches(tmp_path, config
     assert "BatchNorm folded into convolutions" in capsys.readouterr().out
     graph = str(torch.export.load(out).graph)
     assert "batch_norm" not in graph, "a BatchNorm after a convolution was not folded"
-    model = build_model(config["model"]["num_classes"])
+    model = build_model(config)
     model.load_state_dict(torch.load(weights, weights_only=True))
-    size = config["train"]["image_size"]
-    x = torch.randn(3, 3, size, size)
+    x = example_inputs(config, 3)
     with torch.no_grad():
         assert torch.allclose(torch.export.load(out).module()(x), model.eval()(x), atol=1e-4)

@@ -14,10 +14,10 @@ from resnet18_pattern.model import HEAD, build_model
 from resnet18_pattern.train import METRIC_COLUMNS, fit
 
 
-def save_init(path: Path, num_classes: int) -> dict[str, torch.Tensor]:
+def save_init(path: Path, config: dict) -> dict[str, torch.Tensor]:
     """Weights from a differently seeded model, saved as a pretrained file would be."""
     torch.manual_seed(1234)
-    state = {k: v.clone() for k, v in build_model(num_classes).state_dict().items()}
+    state = {k: v.clone() for k, v in build_model(config).state_dict().items()}
     # DDP's "module." prefix and a nested "state_dict": both must load.
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
     return state
@@ -29,7 +29,7 @@ def test_train_writes_every_run_file(tmp_path, config, config_file):
 
     manifest = json.loads((out / "freeze_manifest.json").read_text())
     assert {"frozen", "trainable", "bn_fixed"} <= manifest.keys()
-    params = [name for name, _ in build_model(config["model"]["num_classes"]).named_parameters()]
+    params = [name for name, _ in build_model(config).named_parameters()]
     assert sorted(manifest["frozen"] + manifest["trainable"]) == sorted(params)
 
     with open(out / "metrics.csv") as f:
@@ -47,7 +47,7 @@ def test_synthetic_data_is_learnable_in_two_epochs(tmp_path, config):
 
 
 def test_frozen_tensors_stay_bit_identical_to_init(tmp_path, config):
-    init = save_init(tmp_path / "init.pt", config["model"]["num_classes"])
+    init = save_init(tmp_path / "init.pt", config)
     out = tmp_path / "run"
     fit(config, out, epochs=2, init=tmp_path / "init.pt", device="cpu")
     manifest = json.loads((out / "freeze_manifest.json").read_text())

@@ -36,11 +36,12 @@ def init_config(config: dict, **overrides) -> dict:
 
 def test_partial_load_unwraps_strips_prefixes_and_reports_shape_mismatches(tmp_path, config):
     num_classes = config["model"]["num_classes"]
-    source = build_model(num_classes + 1).state_dict()
+    wider = {**config, "model": {**config["model"], "num_classes": num_classes + 1}}
+    source = build_model(wider).state_dict()
     # DDP inside torch.compile, inside a Lightning-style dict inside a "module" wrapper.
     wrapped = {"module": {"state_dict": {f"_orig_mod.module.{k}": v for k, v in source.items()}}}
     torch.save(wrapped, tmp_path / "w.pth")
-    model = build_model(num_classes)
+    model = build_model(config)
     plan = load_init(model, tmp_path / "w.pth", init_config(config))
     assert {key for key, _, _ in plan.mismatched} == {f"{HEAD}.weight", f"{HEAD}.bias"}
     assert not plan.missing and not plan.unexpected
@@ -52,9 +53,9 @@ def test_partial_load_unwraps_strips_prefixes_and_reports_shape_mismatches(tmp_p
 
 
 def test_remap_renames_keys_before_matching(tmp_path, config):
-    source = build_model(config["model"]["num_classes"]).state_dict()
+    source = build_model(config).state_dict()
     torch.save({f"backbone.{k}": v for k, v in source.items()}, tmp_path / "w.bin")
-    model = build_model(config["model"]["num_classes"])
+    model = build_model(config)
     plain = plan_load(model, read_state_dict(tmp_path / "w.bin"), "w.bin", [], 0)
     assert not plain.loaded and len(plain.unexpected) == len(source)
     plan = load_init(model, tmp_path / "w.bin", init_config(config, remap=[["^backbone\\.", ""]]))
@@ -63,7 +64,7 @@ def test_remap_renames_keys_before_matching(tmp_path, config):
 
 
 def test_a_remap_that_merges_keys_or_does_not_compile_is_a_config_error(tmp_path, config):
-    model = build_model(config["model"]["num_classes"])
+    model = build_model(config)
     source = model.state_dict()
     with pytest.raises(ConfigError, match="maps two keys"):
         plan_load(model, source, "w", [["\\.(weight|bias)$", ""]], 0)
@@ -72,23 +73,32 @@ def test_a_remap_that_merges_keys_or_does_not_compile_is_a_config_error(tmp_path
 
 
 def test_first_n_counts_in_the_models_order_not_the_files(tmp_path, config):
-    source = build_model(config["model"]["num_classes"]).state_dict()
+    source = build_model(config).state_dict()
     # Written in reverse: "the first N keys of the file" would be the head.
     save_file({k: source[k].contiguous() for k in reversed(source)}, tmp_path / "w.safetensors")
-    model = build_model(config["model"]["num_classes"])
+    model = build_model(config)
     plan = load_init(model, tmp_path / "w.safetensors", init_config(config, first_n=4, min_loaded_fraction=0.0))
     assert plan.loaded == list(source)[:4]
     assert plan.beyond_first_n == list(source)[4:]
 
 
 def test_the_report_collapses_runs_of_keys_under_one_module(config):
-    model = build_model(config["model"]["num_classes"])
+    model = build_model(config)
     source = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD + ".")}
     plan = plan_load(model, source, "w", [], 0)
+    # Each module that holds no part of the head collapses to one line: the
+    # top-level children, and the head's siblings where the head is nested.
+    head = HEAD.split(".")
+
+    def module_of(key: str) -> str:
+        parts = key.split(".")
+        depth = next(i for i, (a, b) in enumerate(zip(parts, head, strict=False)) if a != b)
+        return ".".join(parts[: depth + 1])
+
     expected = []
-    for child in dict.fromkeys(k.split(".")[0] for k in source):
-        keys = [k for k in source if k.startswith(child + ".")]
-        expected.append(("loaded", f"{child}.* ({len(keys)} tensors)" if len(keys) > 1 else keys[0]))
+    for module in dict.fromkeys(module_of(k) for k in source):
+        keys = [k for k in source if k.startswith(module + ".")]
+        expected.append(("loaded", f"{module}.* ({len(keys)} tensors)" if len(keys) > 1 else keys[0]))
     expected.append(("missing in file", f"{HEAD}.* (2 tensors)"))
     assert plan.rows() == expected
     assert plan.format().splitlines()[-1].split() == ["missing", "in", "file", f"{HEAD}.*", "(2", "tensors)"]
@@ -96,7 +106,7 @@ def test_the_report_collapses_runs_of_keys_under_one_module(config):
 
 def test_a_file_that_matches_too_little_is_refused_before_anything_loads(tmp_path, config):
     torch.save({"encoder.weight": torch.zeros(3)}, tmp_path / "other.pt")
-    model = build_model(config["model"]["num_classes"])
+    model = build_model(config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError, match="refusing to train from it"):
         load_init(model, tmp_path / "other.pt", init_config(config))
@@ -104,7 +114,7 @@ def test_a_file_that_matches_too_little_is_refused_before_anything_loads(tmp_pat
 
 
 def test_inspect_weights_prints_the_plan_and_the_verdict(tmp_path, config, config_file, capsys):
-    torch.save(build_model(config["model"]["num_classes"]).state_dict(), tmp_path / "good.pt")
+    torch.save(build_model(config).state_dict(), tmp_path / "good.pt")
     torch.save({"encoder.weight": torch.zeros(3)}, tmp_path / "other.pt")
     assert main(["--config", str(config_file), "inspect-weights", str(tmp_path / "good.pt")]) == 0
     out = capsys.readouterr().out
@@ -141,7 +151,7 @@ def test_a_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path):
 @pytest.mark.parametrize("damage", ["empty", "truncated", "zeroed", "random"])
 def test_damaged_files_raise_one_typed_error_naming_the_file(tmp_path, config, damage):
     path = tmp_path / "model.pt"
-    torch.save(build_model(config["model"]["num_classes"]).state_dict(), path)
+    torch.save(build_model(config).state_dict(), path)
     data = path.read_bytes()
     if damage == "empty":
         data = b""
@@ -207,7 +217,7 @@ def test_every_file_a_run_writes_is_recorded_and_reloads_safely(tmp_path, config
                 assert payload["history"] == history
                 assert len(payload["rng"]) == 1, "one RNG state per process"
                 assert payload["rng"][0]["numpy"]["bit_generator"] == "MT19937"
-        assert state.keys() == build_model(config["model"]["num_classes"]).state_dict().keys()
+        assert state.keys() == build_model(config).state_dict().keys()
     with open(out / "metrics.csv") as f:
         assert [float(r["val_acc"]) for r in csv.DictReader(f)] == [r["val_acc"] for r in history]
     assert os.stat(out / "metrics.csv").st_mode & 0o044, "run files must be readable like any other file"

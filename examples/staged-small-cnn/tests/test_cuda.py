@@ -16,7 +16,7 @@ from staged_small_cnn.train import fit
 @pytest.mark.cuda
 def test_cuda_run_with_amp_keeps_frozen_tensors(tmp_path, config):
     torch.manual_seed(7)
-    init = build_model(config["model"]["num_classes"]).state_dict()
+    init = build_model(config).state_dict()
     torch.save(init, tmp_path / "init.pt")
     history = fit(config, tmp_path / "run", epochs=2, init=tmp_path / "init.pt", device="cuda")
     assert history[-1]["val_acc"] > 1 / config["model"]["num_classes"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import to_toml, torchrun
+from conftest import shrink, to_toml, torchrun
 
 from staged_small_cnn import train
 from staged_small_cnn.checkpoint import RunFiles
@@ -60,7 +60,7 @@ def config(config: dict) -> dict:
     # Unfreeze in the second epoch: DDP must be rebuilt around the new tensors.
     config["unfreeze"]["stages"][0]["epoch"] = 1
     # 16 samples per process and step; both datasets split evenly over the ranks.
-    config["data"].update(synthetic_train_size=128, synthetic_val_size=64)
+    shrink(config, 128, 64)
     return config
 
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from staged_small_cnn.cli import main
 from staged_small_cnn.config import ConfigError
-from staged_small_cnn.data import make_datasets
+from staged_small_cnn.data import DEFAULT_DATA, make_datasets
 from staged_small_cnn.distributed import World
 from staged_small_cnn.plot import PlotError, plot_run, unfreeze_epochs
 from staged_small_cnn.train import fit, make_optimizer, prepare_model, show_progress, train_one_epoch
@@ -55,7 +55,7 @@ def test_progress_bars_only_for_a_person_at_a_terminal(monkeypatch):
 
 def test_the_bar_shows_loss_accuracy_and_images_per_second(config, capsys):
     model, _ = prepare_model(config)
-    train_set, _ = make_datasets("synthetic", config)
+    train_set, _ = make_datasets(DEFAULT_DATA, config)
     loader = DataLoader(train_set, batch_size=config["train"]["batch_size"])
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     optimizer = make_optimizer(model, config)

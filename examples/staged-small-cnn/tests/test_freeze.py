@@ -7,6 +7,7 @@ import torch
 from conftest import frozen_names, has_params, to_toml
 
 from staged_small_cnn.cli import main
+from staged_small_cnn.data import example_inputs
 from staged_small_cnn.freeze import FreezeSpecError, freeze, resolve
 from staged_small_cnn.model import HEAD, build_model
 from staged_small_cnn.train import freeze_spec, make_optimizer, prepare_model
@@ -14,7 +15,7 @@ from staged_small_cnn.train import freeze_spec, make_optimizer, prepare_model
 
 @pytest.fixture
 def model(config):
-    return build_model(config["model"]["num_classes"])
+    return build_model(config)
 
 
 def picked(model, *selectors):
@@ -41,8 +42,8 @@ def test_optimizer_holds_trainable_parameters_only(config):
     assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
 
 
-def test_freeze_drops_stale_gradients(model):
-    model(torch.randn(2, 3, 32, 32)).sum().backward()
+def test_freeze_drops_stale_gradients(model, config):
+    model(example_inputs(config, 2)).sum().backward()
     freeze(model, ["!" + HEAD], {}, "test")
     frozen = [p for p in model.parameters() if not p.requires_grad]
     assert frozen and all(p.grad is None for p in frozen)
@@ -79,9 +80,9 @@ def test_parameter_indices_follow_named_parameters_order(model):
 
 
 def test_type_selects_every_module_of_a_class(model):
-    norms = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert norms, "the backbone has BatchNorm"
-    assert picked(model, "type:BatchNorm2d") == [p for n in norms for p in inside(model, n)]
+    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert layers, "the backbone has BatchNorm2d layers"
+    assert picked(model, "type:BatchNorm2d") == [p for n in layers for p in inside(model, n)]
     assert set(inside(model, HEAD)) <= set(picked(model, "type:Linear"))
 
 
@@ -126,13 +127,15 @@ def test_bad_spec_exits_nonzero_and_writes_no_run_folder(tmp_path, config, capsy
     out = tmp_path / "run"
     assert main(["--config", str(path), "train", "--out", str(out)]) == 2
     assert not out.exists()
-    assert "error: freeze.names: 'ehad' matches no module" in capsys.readouterr().err
+    typo = "ehad"
+    assert f"error: freeze.names: '{typo}' matches no module" in capsys.readouterr().err
 
 
 def test_layers_spec_is_a_dry_run_with_counts(config_file, capsys, model):
     head_size = sum(p.numel() for p in model.get_submodule(HEAD).parameters())
     total = sum(p.numel() for p in model.parameters())
-    assert main(["--config", str(config_file), "layers", "--spec", "!head, idx:0", "--spec", r"re:\.bias$"]) == 0
+    args = ["--config", str(config_file), "layers"]
+    assert main([*args, "--spec", "!head, idx:0", "--spec", r"re:\.bias$"]) == 0
     out = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line.split() for line in out[1:-1]}
     assert rows["!head"][1:3] == [str(len(inside(model, HEAD))), f"{head_size:,}"]

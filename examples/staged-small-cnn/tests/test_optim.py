@@ -8,9 +8,11 @@ import pytest
 import torch
 from conftest import frozen_names, has_params
 
+from staged_small_cnn.data import example_inputs
 from staged_small_cnn.freeze import FreezeSpecError
-from staged_small_cnn.model import HEAD, build_model
+from staged_small_cnn.model import BLOCK_CONTAINERS, HEAD, build_model
 from staged_small_cnn.train import (
+    blocks_with_parameters,
     checkpoint_blocks,
     make_optimizer,
     optimizer_step,
@@ -54,7 +56,7 @@ def test_frozen_parameters_never_enter_any_group(config):
 def test_lr_mult_selectors_last_match_wins(config):
     config["train"]["no_decay_norm_bias"] = False
     config["train"]["lr_mult"] = {"*": 0.5, "head": 2.0}
-    model = build_model(config["model"]["num_classes"])
+    model = build_model(config)
     groups = param_groups(model, config, [n for n, _ in model.named_parameters()], "all")
     rate = {p: g["lr_mult"] for g in groups for p in g["params"]}
     head = {f"{HEAD}.{n}" for n, _ in model.get_submodule(HEAD).named_parameters()}
@@ -63,16 +65,22 @@ def test_lr_mult_selectors_last_match_wins(config):
     assert [g["name"] for g in groups] == ["all lr x0.5", "all lr x2"]
 
 
-def test_layer_decay_scales_each_top_level_child(config):
+def test_layer_decay_scales_each_block(config):
     config["train"]["layer_decay"] = 0.5
     config["train"]["no_decay_norm_bias"] = False
-    model = build_model(config["model"]["num_classes"])
-    blocks = [n for n, c in model.named_children() if has_params(c)]
+    model = build_model(config)
+    blocks = blocks_with_parameters(model)
+    assert HEAD == blocks[-1] or HEAD.startswith(blocks[-1] + "."), "the head is the last block"
+    for container in BLOCK_CONTAINERS:
+        inner = [f"{container}.{n}" for n, c in model.get_submodule(container).named_children() if has_params(c)]
+        assert all(n in blocks or n in BLOCK_CONTAINERS for n in inner), f"{container} is counted by its children"
     groups = param_groups(model, config, [n for n, _ in model.named_parameters()], "all")
     rate = {p: g["lr_mult"] for g in groups for p in g["params"]}
     for depth, block in enumerate(reversed(blocks)):
         for name, _ in model.get_submodule(block).named_parameters():
             assert math.isclose(rate[f"{block}.{name}"], 0.5**depth), (block, depth)
+    outside = [n for n in rate if not any(n.startswith(b + ".") for b in blocks)]
+    assert all(math.isclose(rate[n], 0.5 ** (len(blocks) - 1)) for n in outside), "they go with the first block"
     assert len(groups) == len(blocks), "one group per distinct rate"
 
 
@@ -95,7 +103,7 @@ def test_the_scaler_is_skipped_when_no_parameter_got_a_gradient(config):
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     scaler.scale(elsewhere * 2).backward()
     assert optimizer_step(optimizer, scaler) is False
-    scaler.scale(model(torch.randn(2, 3, 32, 32)).sum()).backward()
+    scaler.scale(model(example_inputs(config, 2)).sum()).backward()
     assert optimizer_step(optimizer, scaler) is True
 
 
@@ -103,7 +111,7 @@ def test_checkpointed_blocks_behind_a_frozen_prefix_get_their_gradients(config):
     config["freeze"]["names"] = ["idx:0"]
     # BatchNorm that trains: the recompute must neither change the gradients nor count the batch twice.
     config["freeze"]["bn_modes"] = {"type:BatchNorm2d": "train"}
-    x = torch.randn(4, 3, 32, 32)
+    x = example_inputs(config, 4)
 
     def prepared():
         torch.manual_seed(0)

@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import child_env, small_config
+from conftest import child_env, shrink, small_config
 
 from staged_small_cnn.checkpoint import CheckpointError, RunFiles, torch_load
 from staged_small_cnn.cli import main
@@ -25,7 +25,7 @@ def tiny_config() -> dict:
     # Resuming is about state, not learning: four steps an epoch show it.
     cfg = small_config()
     cfg["train"]["batch_size"] = 16
-    cfg["data"].update(synthetic_train_size=64, synthetic_val_size=32)
+    shrink(cfg, 64, 32)
     return cfg
 
 

@@ -3,8 +3,8 @@
 When only the head trains, every epoch feeds the head the same backbone
 outputs again, so after the first epoch the backbone's forward pass is pure
 waste. That holds only when the backbone computes the same thing each time:
-nothing in it trains, no BatchNorm updates statistics, no dropout draws a
-mask, and the training images are not randomly augmented. `cache_decision`
+nothing in it trains, no BatchNorm updates statistics, no dropout or
+stochastic depth draws a mask, and the training images are not randomly augmented. `cache_decision`
 checks exactly that and says why when it says no.
 """
 
@@ -20,6 +20,17 @@ from torch.utils.data import DataLoader, Dataset
 from .batchnorm import batchnorm_layers, mode_of
 from .config import ConfigError
 from .model import HEAD
+
+# Layers that drop at random in train mode, by class name: torchvision's
+# StochasticDepth and timm's DropPath, with the attribute holding their rate.
+DROP_RATE_ATTRIBUTE = {"StochasticDepth": "p", "DropPath": "drop_prob"}
+
+
+def drop_rate(module: nn.Module) -> float:
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p
+    attribute = DROP_RATE_ATTRIBUTE.get(type(module).__name__)
+    return getattr(module, attribute, 0.0) if attribute else 0.0
 
 
 def cache_decision(model: nn.Module, setting: str | bool, reasons_against: list[str]) -> tuple[bool, str]:
@@ -41,13 +52,9 @@ def cache_decision(model: nn.Module, setting: str | bool, reasons_against: list[
     moving = [n for n, m in batchnorm_layers(model).items() if not n.startswith(inside_head) and mode_of(m) == "train"]
     if moving:
         reasons.append(f"BatchNorm {moving[0]} updates its statistics (bn_policy / bn_modes)")
-    dropout = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and not n.startswith(inside_head)
-    ]
+    dropout = [n for n, m in model.named_modules() if drop_rate(m) > 0 and not n.startswith(inside_head)]
     if dropout:
-        reasons.append(f"{dropout[0]} draws a random dropout mask each step")
+        reasons.append(f"{dropout[0]} draws a random mask each step (dropout or stochastic depth)")
     if not reasons:
         return True, "only the head trains and the backbone computes the same features every epoch"
     if setting is True:

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointError, read_state_dict
 from .config import ConfigError, load_config
-from .data import DataError, make_datasets
+from .data import DEFAULT_DATA, DataError, example_inputs, make_datasets
 from .distributed import pick_device, stop
 from .export import FORMATS, ExportError, export
 from .freeze import FreezeSpecError
@@ -54,7 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="fine-tune and write a run folder")
     train.add_argument("--out", help="run folder to write (default with --resume: the resumed run's folder)")
     train.add_argument("--epochs", type=int, help="total epochs (default: train.epochs in the config)")
-    train.add_argument("--data", default="synthetic", help="'synthetic' or an image folder with train/ and val/")
+    train.add_argument("--data", default=DEFAULT_DATA, help="'synthetic' or an image folder with train/ and val/")
     train.add_argument("--init", help="weights to start from (.pt, .pth, .bin, .ckpt, .safetensors)")
     train.add_argument(
         "--resume", help="a run folder (its newest checkpoint that matches checkpoints.json) or one full checkpoint"
@@ -67,7 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     ev = commands.add_parser("evaluate", help="loss and accuracy of saved weights")
     ev.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt")
-    ev.add_argument("--data", default="synthetic")
+    ev.add_argument("--data", default=DEFAULT_DATA)
     ev.add_argument("--device")
 
     ex = commands.add_parser("export", help="export saved weights for inference and check them against eager")
@@ -86,14 +86,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 def cmd_layers(args: argparse.Namespace, config: dict) -> int:
     if args.spec:
         # A dry run on the plain model: only what the selectors match, nothing applied.
-        print(spec_report(build_model(config["model"]["num_classes"]), parse_spec(args.spec)))
+        print(spec_report(build_model(config), parse_spec(args.spec)))
         return 0
     try:
         model, _ = prepare_model(config)
         problem = None
     except USER_ERRORS as err:
         # Show the table anyway: it is what the user needs to fix the spec.
-        model, problem = build_model(config["model"]["num_classes"]), err
+        model, problem = build_model(config), err
     table = layer_table(model)
     print(json.dumps(table, indent=2) if args.json else format_layer_table(table))
     if problem is not None:
@@ -123,7 +123,7 @@ def cmd_train(args: argparse.Namespace, config: dict) -> int:
 
 
 def cmd_inspect_weights(args: argparse.Namespace, config: dict) -> int:
-    plan = inspect_weights(build_model(config["model"]["num_classes"]), args.file, config["init"])
+    plan = inspect_weights(build_model(config), args.file, config["init"])
     print(plan.format())
     minimum = config["init"]["min_loaded_fraction"]
     refusal = plan.refusal(minimum)
@@ -136,7 +136,7 @@ def cmd_inspect_weights(args: argparse.Namespace, config: dict) -> int:
 
 def trained_model(weights: str, config: dict) -> nn.Module:
     """The plain model (no freezing, plain BatchNorm) with every tensor from `weights`."""
-    model = build_model(config["model"]["num_classes"])
+    model = build_model(config)
     try:
         model.load_state_dict(read_state_dict(weights))
     except RuntimeError as err:
@@ -156,7 +156,7 @@ def cmd_evaluate(args: argparse.Namespace, config: dict) -> int:
 
 def cmd_export(args: argparse.Namespace, config: dict) -> int:
     model = trained_model(args.weights, config)
-    error = export(model, args.format, args.out, config["train"]["image_size"], fold_bn=args.fold_bn)
+    error = export(model, args.format, args.out, example_inputs(config, 2), fold_bn=args.fold_bn)
     folded = " (BatchNorm folded into convolutions)" if args.fold_bn else ""
     print(f"wrote {args.out} ({args.format}){folded}; max abs difference to eager on a batch of 2: {error:.3g}")
     return 0

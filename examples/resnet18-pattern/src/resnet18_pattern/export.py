@@ -27,8 +27,8 @@ class ExportError(RuntimeError):
     pass
 
 
-def export(model: nn.Module, fmt: str, out: str | Path, image_size: int, fold_bn: bool = False) -> float:
-    """Write `model` to `out` as `fmt`; return the max abs difference to eager.
+def export(model: nn.Module, fmt: str, out: str | Path, example: torch.Tensor, fold_bn: bool = False) -> float:
+    """Write `model` to `out` as `fmt`, traced on `example`; return the max abs difference to eager.
 
     Any FrozenBatchNorm or fixed-statistics layer becomes plain BatchNorm
     first, so runtimes see a standard op; `fold_bn` then folds each BatchNorm
@@ -36,7 +36,6 @@ def export(model: nn.Module, fmt: str, out: str | Path, image_size: int, fold_bn
     the model as given, so a wrong fold fails like a wrong export.
     """
     model = plain_batchnorm(model).eval()
-    example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     # Batch size stays free in the exported graph; everything else is fixed.
     batch = torch.export.Dim("batch", min=1)
     out = Path(out)

@@ -6,6 +6,9 @@ from torch import nn
 from torchvision.models import get_model, get_model_weights
 
 HEAD = "fc"
+# Containers whose children are the model's blocks, in depth order: what
+# train.layer_decay and train.grad_checkpointing count.
+BLOCK_CONTAINERS = ("layer1", "layer2", "layer3", "layer4")
 ARCH = "resnet18"
 
 
@@ -13,7 +16,7 @@ class PretrainedWeightsError(RuntimeError):
     pass
 
 
-def build_model(num_classes: int, pretrained: bool = False) -> nn.Module:
+def build_model(config: dict, pretrained: bool = False) -> nn.Module:
     """resnet18 from torchvision, with ImageNet weights when `pretrained`."""
     weights = get_model_weights(ARCH).DEFAULT if pretrained else None
     try:
@@ -24,12 +27,18 @@ def build_model(num_classes: int, pretrained: bool = False) -> nn.Module:
             "Offline? Pass a local weights file with `--init FILE`, "
             "or set `pretrained = false` under [model] in the config."
         ) from err
-    replace_head(model, num_classes)
+    parent_name, _, attr = HEAD.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, attr, nn.Linear(getattr(parent, attr).in_features, config["model"]["num_classes"]))
     return model
 
 
-def replace_head(model: nn.Module, num_classes: int) -> None:
-    parent_name, _, attr = HEAD.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    old = getattr(parent, attr)
-    setattr(parent, attr, nn.Linear(old.in_features, num_classes))
+def preprocessing() -> dict:
+    """How the default weights' images were prepared (read from torchvision, nothing downloaded)."""
+    transform = get_model_weights(ARCH).DEFAULT.transforms()
+    return {
+        "mean": tuple(transform.mean),
+        "std": tuple(transform.std),
+        "interpolation": transform.interpolation.value,
+        "crop_fraction": transform.crop_size[0] / transform.resize_size[0],
+    }

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .checkpoint import RunFiles, atomic_write, config_hash, load_resume, safetensors_bytes, torch_bytes, torch_load
 from .config import ConfigError
-from .data import make_datasets
+from .data import DEFAULT_DATA, make_datasets
 from .distributed import SINGLE, World, all_sum, check_in_sync, gather, on_main, start, sync_buffers, wrap
 from .features import CachedBatches, cache_decision, head_inputs
 from .freeze import (
@@ -47,7 +47,7 @@ from .freeze import (
     unfreeze_stage,
 )
 from .layers import freeze_summary
-from .model import HEAD, build_model
+from .model import BLOCK_CONTAINERS, HEAD, build_model
 from .weights import load_init
 
 try:
@@ -90,7 +90,7 @@ def prepare_model(
     Raises before anything is written when the spec, a stage, an lr_mult
     selector or the init file is wrong.
     """
-    model = build_model(config["model"]["num_classes"], pretrained=pretrained)
+    model = build_model(config, pretrained=pretrained)
     if init is not None:
         load_init(model, init, config["init"])
     if sync_bn:
@@ -126,12 +126,12 @@ def read_manifest(model: nn.Module, path: str | Path) -> FreezeState:
 
 
 def checkpoint_blocks(model: nn.Module) -> list[str]:
-    """Recompute each top-level block's activations in backward instead of keeping them.
+    """Recompute each block's activations in backward instead of keeping them.
 
     use_reentrant=False always: the reentrant variant returns no gradients
     for a block whose input does not require grad, which is every block
-    behind a frozen prefix. The head (last child with parameters) is left
-    alone; its activations are small.
+    behind a frozen prefix. The head (the last block) is left alone; its
+    activations are small.
     """
     blocks = blocks_with_parameters(model)[:-1]
     for name in blocks:
@@ -142,8 +142,19 @@ def checkpoint_blocks(model: nn.Module) -> list[str]:
 
 
 def blocks_with_parameters(model: nn.Module) -> list[str]:
-    """Top-level children that hold parameters, in order; the last is the head."""
-    return [name for name, child in model.named_children() if any(True for _ in child.parameters())]
+    """The blocks that hold parameters, in depth order; the last holds the head.
+
+    Top-level children, with each container of model.BLOCK_CONTAINERS
+    replaced by its children (a ViT's encoder layers, a CNN's stages).
+    """
+
+    def expand(prefix: str, module: nn.Module) -> Iterator[str]:
+        for name, child in module.named_children():
+            if any(True for _ in child.parameters()):
+                full = prefix + name
+                yield from expand(full + ".", child) if full in BLOCK_CONTAINERS else [full]
+
+    return list(expand("", model))
 
 
 def _recompute_contexts(block: nn.Module) -> tuple[contextlib.AbstractContextManager, ...]:
@@ -173,18 +184,17 @@ def _batchnorm_counts_once(block: nn.Module) -> Iterator[None]:
 def lr_factors(model: nn.Module, config: dict) -> dict[str, float]:
     """Each parameter's learning-rate multiplier.
 
-    train.layer_decay d gives the last top-level child with parameters (the
-    head) 1, the one before it d, then d**2, ...; parameters sitting on the
-    model itself go with the first child. Then train.lr_mult maps selectors
+    train.layer_decay d gives the last block (the head) 1, the one before
+    it d, then d**2, ...; parameters outside every block (a ViT's class
+    token) go with the first block. Then train.lr_mult maps selectors
     to multipliers, applied on top, the last matching selector winning.
     """
     train_cfg = config["train"]
     blocks = blocks_with_parameters(model)
     factors = {}
     for name, _ in model.named_parameters():
-        top = name.split(".")[0]
-        depth = len(blocks) - 1 - (blocks.index(top) if top in blocks else 0)
-        factors[name] = train_cfg["layer_decay"] ** depth
+        index = next((i for i, block in enumerate(blocks) if name.startswith(block + ".")), 0)
+        factors[name] = train_cfg["layer_decay"] ** (len(blocks) - 1 - index)
     mults = {name: 1.0 for name in factors}
     for selector, mult in train_cfg["lr_mult"].items():
         if isinstance(mult, bool) or not isinstance(mult, (int, float)) or mult <= 0:
@@ -362,7 +372,7 @@ def use_channels_last(setting: str | bool, model: nn.Module, device: torch.devic
 def loader_workers(setting: str | int, data: str, world: World) -> int:
     """With "auto", none for in-memory synthetic data; else the cores shared by the processes, up to 8."""
     if setting == "auto":
-        return 0 if data == "synthetic" else min(8, max(1, (os.cpu_count() or 1) // world.size - 1))
+        return 0 if data == DEFAULT_DATA else min(8, max(1, (os.cpu_count() or 1) // world.size - 1))
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
         raise ConfigError(f'train.num_workers must be "auto" or an integer >= 0, got {setting!r}')
     return setting
@@ -371,7 +381,7 @@ def loader_workers(setting: str | int, data: str, world: World) -> int:
 def cache_risks(data: str, config: dict, world: World) -> list[str]:
     """What, besides the model, makes cached features differ from a fresh forward pass."""
     risks = []
-    if data != "synthetic" and config["data"]["augment"]:
+    if data != DEFAULT_DATA and config["data"]["augment"]:
         risks.append("training images are randomly augmented ([data] augment = true)")
     if world.distributed:
         risks.append("under torchrun each process sees other samples every epoch")
@@ -447,6 +457,8 @@ def train_one_epoch(
                 img_s=f"{count / (time.perf_counter() - started):.0f}",
                 refresh=False,
             )
+    if not bar.disable:
+        bar.refresh()  # the final numbers, also when the epoch outran tqdm's refresh interval
     return loss_sum.item(), int(correct.item()), count
 
 
@@ -537,7 +549,7 @@ def fit(
     config: dict,
     out: str | Path | None,
     *,
-    data: str = "synthetic",
+    data: str = DEFAULT_DATA,
     epochs: int | None = None,
     init: str | Path | None = None,
     resume: str | Path | None = None,

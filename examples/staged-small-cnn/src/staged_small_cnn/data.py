@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-# ImageNet statistics: what torchvision's pretrained weights were trained with.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+from .model import preprocessing
+
+# The value of --data that needs no files.
+DEFAULT_DATA = "synthetic"
 
 
 class DataError(ValueError):
@@ -41,15 +44,103 @@ def synthetic_datasets(
     return sample(train_size), sample(val_size)
 
 
-def image_folder_datasets(
-    root: str | Path, image_size: int, num_classes: int, augment: bool = True
-) -> tuple[Dataset, Dataset]:
-    """`root/train/<class>/*` and `root/val/<class>/*`, in torchvision's ImageFolder layout.
+def image_transforms(image_size: int, augment: bool):
+    """(train, val) transforms: the model's own preprocessing at `image_size`.
 
-    `augment` false gives the training images the validation preprocessing.
+    Validation resizes so that a centre crop of `image_size` keeps the share
+    of the image the weights were trained on (crop_fraction), then normalises
+    with their mean and std. Training (when `augment`) takes random crops of
+    35-100% of the image, resized to `image_size`, and flips half of them.
     """
+    from torchvision import transforms
+
+    prep = preprocessing()
+    mode = transforms.InterpolationMode(prep["interpolation"])
+    normalize = transforms.Normalize(prep["mean"], prep["std"])
+    # Rounded down, as timm does; the epsilon keeps 224 / (224 / 256) at 256.
+    resize = math.floor(image_size / prep["crop_fraction"] + 1e-6)
+    val = transforms.Compose(
+        [
+            transforms.Resize(resize, interpolation=mode),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
+    if not augment:
+        return val, val
+    train = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size, scale=(0.35, 1.0), interpolation=mode),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
+    return train, val
+
+
+def load_rgb(path: str):
+    """torchvision's loader, with the file's name in the error."""
+    from PIL import Image
+
     try:
-        from torchvision import datasets, transforms
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: cannot read the image ({err})") from None
+
+
+def checked_folder(folder: Path, transform, bad_images: str) -> Dataset:
+    """An ImageFolder whose classes all hold images and whose images all open.
+
+    Every file is opened and verified once, up front, so a broken file
+    fails (or, with bad_images = "skip", is left out) before training, not
+    hours into it.
+    """
+    from PIL import Image
+    from torchvision import datasets
+
+    dataset = datasets.ImageFolder(folder, transform=transform, loader=load_rgb, allow_empty=True)
+    skip = bad_images == "skip"
+    advice = '; [data] bad_images = "skip" trains without it'
+    counts = [0] * len(dataset.classes)
+    for _, target in dataset.samples:
+        counts[target] += 1
+    for name, count in zip(dataset.classes, counts, strict=True):
+        if count == 0:
+            problem = f"{folder / name} holds no images (extensions: {', '.join(datasets.folder.IMG_EXTENSIONS)})"
+            if not skip:
+                raise DataError(problem + advice)
+            print(f"warning: {problem}; the class keeps its index but has no examples here", file=sys.stderr)
+    bad = []
+    for path, _ in dataset.samples:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as err:  # noqa: BLE001 - PIL raises many types for a broken file
+            bad.append(f"{path} ({type(err).__name__}: {err})")
+    if bad:
+        more = " ..." if len(bad) > 5 else ""
+        problem = f"{len(bad)} unreadable image(s) in {folder}: " + "; ".join(bad[:5]) + more
+        if not skip:
+            raise DataError(problem + advice)
+        print(f"warning: skipping {problem}", file=sys.stderr)
+        broken = {entry.rsplit(" (", 1)[0] for entry in bad}
+        dataset.samples = [sample for sample in dataset.samples if sample[0] not in broken]
+        dataset.imgs = dataset.samples
+        dataset.targets = [target for _, target in dataset.samples]
+    return dataset
+
+
+def image_folder_datasets(
+    root: str | Path, image_size: int, num_classes: int, augment: bool = True, bad_images: str = "error"
+) -> tuple[Dataset, Dataset]:
+    """`root/train/<class>/*` and `root/val/<class>/*`, in torchvision's ImageFolder layout."""
+    if bad_images not in ("error", "skip"):
+        raise DataError(f'[data] bad_images must be "error" or "skip", got {bad_images!r}')
+    try:
+        import torchvision  # noqa: F401
     except ImportError:
         raise DataError("reading an image folder needs torchvision: pip install -e '.[images]'") from None
     root = Path(root)
@@ -59,26 +150,9 @@ def image_folder_datasets(
                 f"{root / split} is not a directory; expected "
                 f"{root}/train/<class>/<image> and {root}/val/<class>/<image>"
             )
-    normalize = transforms.Normalize(MEAN, STD)
-    # Train-time augmentation: random crops of 35-100% of the image and flips.
-    train_tf = transforms.Compose(
-        [
-            transforms.RandomResizedCrop(image_size, scale=(0.35, 1.0)),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            normalize,
-        ]
-    )
-    val_tf = transforms.Compose(
-        [
-            transforms.Resize(round(image_size * 256 / 224)),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            normalize,
-        ]
-    )
-    train = datasets.ImageFolder(root / "train", transform=train_tf if augment else val_tf)
-    val = datasets.ImageFolder(root / "val", transform=val_tf)
+    train_tf, val_tf = image_transforms(image_size, augment)
+    train = checked_folder(root / "train", train_tf, bad_images)
+    val = checked_folder(root / "val", val_tf, bad_images)
     if train.classes != val.classes:
         raise DataError(f"{root}: train classes {train.classes} differ from val classes {val.classes}")
     if len(train.classes) != num_classes:
@@ -91,7 +165,7 @@ def image_folder_datasets(
 
 def make_datasets(data: str, config: dict) -> tuple[Dataset, Dataset]:
     train_cfg, data_cfg = config["train"], config["data"]
-    if data == "synthetic":
+    if data == DEFAULT_DATA:
         return synthetic_datasets(
             config["model"]["num_classes"],
             train_cfg["image_size"],
@@ -99,8 +173,18 @@ def make_datasets(data: str, config: dict) -> tuple[Dataset, Dataset]:
             data_cfg["synthetic_val_size"],
             seed=train_cfg["seed"],
         )
-    if not Path(data).exists():
+    if not Path(data).is_dir():
         raise DataError(f"--data {data}: no such directory (or use --data synthetic)")
     return image_folder_datasets(
-        data, train_cfg["image_size"], config["model"]["num_classes"], augment=data_cfg["augment"]
+        data,
+        train_cfg["image_size"],
+        config["model"]["num_classes"],
+        augment=data_cfg["augment"],
+        bad_images=data_cfg["bad_images"],
     )
+
+
+def example_inputs(config: dict, count: int) -> torch.Tensor:
+    """`count` inputs like --data synthetic's: what export traces and the tests feed the model."""
+    train, _ = synthetic_datasets(config["model"]["num_classes"], config["train"]["image_size"], count, 1)
+    return torch.stack([train[i][0] for i in range(count)])

@@ -5,6 +5,17 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 HEAD = "head"
+# The model's blocks are its top-level children (train.layer_decay and
+# train.grad_checkpointing count them); name containers here to count theirs.
+BLOCK_CONTAINERS: tuple[str, ...] = ()
+# ImageNet statistics: images are normalised with them (and resized to
+# image_size via a 256/224 larger resize, then a centre crop).
+IMAGE_PREPROCESSING = {
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "interpolation": "bilinear",
+    "crop_fraction": 224 / 256,
+}
 
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -31,5 +42,9 @@ class SmallCNN(nn.Module):
         return self.head(self.pool(self.block2(self.block1(self.stem(x)))))
 
 
-def build_model(num_classes: int) -> nn.Module:
-    return SmallCNN(num_classes)
+def build_model(config: dict) -> nn.Module:
+    return SmallCNN(config["model"]["num_classes"])
+
+
+def preprocessing() -> dict:
+    return IMAGE_PREPROCESSING

@@ -1,0 +1,64 @@
+"""`custom_char_model plot DIR`: a run's loss and accuracy per epoch, drawn to DIR/curves.png."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from .checkpoint import atomic_path
+
+
+class PlotError(RuntimeError):
+    pass
+
+
+def read_metrics(folder: Path) -> list[dict[str, float]]:
+    path = folder / "metrics.csv"
+    if not path.is_file():
+        raise PlotError(f"{path} does not exist: is {folder} a run folder?")
+    with open(path, newline="") as f:
+        rows = [{key: float(value) for key, value in row.items() if value} for row in csv.DictReader(f)]
+    if not rows:
+        raise PlotError(f"{path} holds no finished epoch yet")
+    return rows
+
+
+def unfreeze_epochs(rows: list[dict[str, float]]) -> list[int]:
+    """Epochs that trained more parameters than the epoch before: where a stage unfroze."""
+    return [
+        int(now["epoch"])
+        for before, now in zip(rows, rows[1:], strict=False)
+        if now.get("trainable_params", 0) > before.get("trainable_params", 0)
+    ]
+
+
+def plot_run(folder: str | Path) -> Path:
+    """Write folder/curves.png: loss (left) and accuracy (right), train and val, unfreezes marked."""
+    try:
+        # The Figure API, not pyplot: no GUI backend, no global state to disturb.
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        raise PlotError("plot needs matplotlib: pip install -e '.[plot]' (or pip install matplotlib)") from None
+    folder = Path(folder)
+    rows = read_metrics(folder)
+    epochs = [int(row["epoch"]) for row in rows]
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    loss_axes, acc_axes = figure.subplots(1, 2)
+    for axes, metric in ((loss_axes, "loss"), (acc_axes, "acc")):
+        for split in ("train", "val"):
+            key = f"{split}_{metric}"
+            if all(key in row for row in rows):
+                axes.plot(epochs, [row[key] for row in rows], marker="o", label=split)
+        for i, epoch in enumerate(unfreeze_epochs(rows)):
+            axes.axvline(epoch, color="grey", linestyle="--", label="unfreeze" if i == 0 else None)
+        axes.set_xlabel("epoch")
+        axes.set_title("loss" if metric == "loss" else "accuracy")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.suptitle(folder.resolve().name)
+    out = folder / "curves.png"
+    with atomic_path(out) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    return out

@@ -1,0 +1,93 @@
+"""Shared fixtures: a shrunken config (tiny data, real code path) and its TOML file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import custom_char_model
+from custom_char_model.config import load_config
+
+# The folder holding the package, installed or not, for child processes.
+SRC = Path(custom_char_model.__file__).parents[1]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is false")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def small_config() -> dict:
+    """The packaged config with a dataset small enough for a test."""
+    cfg = load_config()
+    cfg["train"].update(epochs=2, batch_size=32)
+    shrink(cfg, 256, 128)
+    return cfg
+
+
+def shrink(config: dict, train_size: int, val_size: int) -> None:
+    """Nothing to shrink: custom_data's datasets have their own (small) sizes."""
+
+
+@pytest.fixture
+def config() -> dict:
+    return small_config()
+
+
+def toml_value(value: object) -> str:
+    # JSON spells strings, numbers and booleans the way TOML does; tables
+    # (bn_modes, lr_mult, unfreeze stages) are written inline.
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def to_toml(config: dict) -> str:
+    lines = []
+    for section, values in config.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def has_params(module: torch.nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def frozen_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, p in model.named_parameters() if not p.requires_grad]
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(config))
+    return path
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """os.environ for a child process that must import the package too."""
+    path = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def torchrun(*args: str, processes: int, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run` on this machine with `processes` workers."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *args]
+    env = child_env(CI="true", OMP_NUM_THREADS="1")
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

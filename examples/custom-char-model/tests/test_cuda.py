@@ -1,0 +1,54 @@
+"""The same guarantees on a GPU, with mixed precision (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import to_toml, torchrun
+
+from custom_char_model.checkpoint import RunFiles, read_state_dict
+from custom_char_model.model import build_model
+from custom_char_model.train import fit
+
+
+@pytest.mark.cuda
+def test_cuda_run_with_amp_keeps_frozen_tensors(tmp_path, config):
+    torch.manual_seed(7)
+    init = build_model(config).state_dict()
+    torch.save(init, tmp_path / "init.pt")
+    history = fit(config, tmp_path / "run", epochs=2, init=tmp_path / "init.pt", device="cuda")
+    assert history[-1]["val_acc"] > 1 / config["model"]["num_classes"]
+    manifest = json.loads((tmp_path / "run" / "freeze_manifest.json").read_text())
+    final = read_state_dict(tmp_path / "run" / "last.ckpt")
+    for name in manifest["frozen"]:
+        assert torch.equal(final[name].cpu(), init[name]), name
+
+
+@pytest.mark.cuda
+def test_torchrun_trains_on_every_gpu_with_nccl(tmp_path, config):
+    """One process per GPU (one GPU is enough), AMP on, SyncBatchNorm for the BN that trains."""
+    gpus = torch.cuda.device_count()
+    config["train"]["sync_bn"] = True
+    config["train"]["batch_size"] = 16 * gpus
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(to_toml(config))
+    out = tmp_path / "run"
+    args = ["--config", str(config_file), "train", "--out", str(out), "--epochs", "2", "--device", "cuda"]
+    proc = torchrun("-m", "custom_char_model", *args, processes=gpus)
+    assert proc.stdout.count("epoch 1: train_loss") == 1
+    files = RunFiles(out)
+    for name in files.files:
+        files.verify(name)
+    assert (out / "metrics.csv").read_text().count("\n") == 3
+
+
+@pytest.mark.cuda
+def test_a_cpu_run_resumes_on_the_gpu(tmp_path, config):
+    """The CPU run saved no GradScaler state (no AMP there); the GPU resume starts the scaler fresh."""
+    out = tmp_path / "run"
+    fit(config, out, epochs=2, stop_after=1, device="cpu")
+    history = fit(config, None, epochs=2, resume=out, device="cuda")
+    assert [row["epoch"] for row in history] == [0, 1]
+    assert torch.load(out / "last.ckpt", weights_only=True)["scaler"], "the GPU epoch saved its scaler"

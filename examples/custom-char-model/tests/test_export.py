@@ -1,0 +1,63 @@
+"""Exports reproduce the eager model, and a format that cannot be written says why."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from custom_char_model.cli import main
+from custom_char_model.data import example_inputs
+from custom_char_model.export import ExportError, export
+from custom_char_model.model import build_model
+
+HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
+FORMATS = [
+    "pt2",
+    "torchscript",
+    pytest.param("onnx", marks=pytest.mark.skipif(not HAS_ONNX, reason="the onnx extra is not installed")),
+]
+
+
+@pytest.fixture
+def weights(tmp_path, config):
+    torch.manual_seed(7)
+    path = tmp_path / "best.pt"
+    torch.save(build_model(config).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_export_matches_eager_and_reports_the_error(tmp_path, config_file, weights, capsys, fmt):
+    out = tmp_path / f"model.{fmt}"
+    args = ["--config", str(config_file), "export", "--weights", str(weights), "--format", fmt, "--out", str(out)]
+    assert main(args) == 0
+    assert out.stat().st_size > 0
+    assert "max abs difference to eager on a batch of 2:" in capsys.readouterr().out
+
+
+def test_pt2_export_keeps_the_batch_size_free(tmp_path, config, weights):
+    model = build_model(config)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    export(model, "pt2", tmp_path / "m.pt2", example_inputs(config, 2))
+    exported = torch.export.load(tmp_path / "m.pt2").module()
+    x = example_inputs(config, 5)
+    with torch.no_grad():
+        assert torch.allclose(exported(x), model.eval()(x), atol=1e-5)
+
+
+def test_onnx_without_its_extra_says_how_to_install_it(tmp_path, config, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # None makes the import fail
+    with pytest.raises(ExportError, match=r"pip install -e '\.\[onnx\]'"):
+        export(build_model(config), "onnx", tmp_path / "m.onnx", example_inputs(config, 2))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_exporting_weights_of_another_model_is_a_clear_error(tmp_path, config_file, capsys):
+    torch.save({"encoder.weight": torch.zeros(3)}, tmp_path / "other.pt")
+    args = ["--config", str(config_file), "export", "--weights", str(tmp_path / "other.pt"), "--format", "pt2"]
+    assert main([*args, "--out", str(tmp_path / "m.pt2")]) == 2
+    assert "does not fit this model" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt2").exists()
