@@ -83,7 +83,7 @@ def measure(project: Path, model_name: str, variant: str, size: int, batch: int,
             train.train_one_epoch(model, [(images, labels)], optimizer, scaler, dev, amp)
 
     else:
-        model = model_mod.build_model(config["model"]["num_classes"]).to(dev)
+        model = model_mod.build_model(config).to(dev)
         head = model.fc
         if variant == "b":
             model.fc = nn.Identity()

@@ -67,7 +67,7 @@ def run_lightning(project: Path, args) -> dict:
     modules = load_project(project)
     config = probe_config(modules, args)
     torch.manual_seed(config["train"]["seed"])
-    model = modules["model"].build_model(config["model"]["num_classes"])
+    model = modules["model"].build_model(config)
 
     class Probe(L.LightningModule):
         def __init__(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import site
 import subprocess
 import venv
@@ -12,6 +13,12 @@ import pytest
 from scaffold.render import render
 
 ROOT = Path(__file__).resolve().parent.parent
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core: one torch thread each, in the
+    # worker and in the generated suites it starts, so none oversubscribes.
+    # Set before anything imports torch, which reads it once.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture

@@ -56,21 +56,29 @@ def tiny_config(project: Path, package: str) -> dict:
     return config
 
 
+@pytest.fixture(scope="module")
+def init_files(tmp_path_factory) -> dict[str, Path]:
+    """One weights file per backbone, shared by its four renders (the model does not depend on freeze_by)."""
+    return {"dir": tmp_path_factory.mktemp("init")}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("freeze_by", FREEZE_BY)
 @pytest.mark.parametrize("backbone", list(BACKBONES))
-def test_every_backbone_trains_an_epoch_with_each_freeze_kind(tmp_path, backbone, freeze_by):
+def test_every_backbone_trains_an_epoch_with_each_freeze_kind(tmp_path, init_files, backbone, freeze_by):
     package = f"bb_{backbone}_{freeze_by}"
     answers = {"project_name": package, "backbone": backbone, "freeze_by": freeze_by, **BACKBONES[backbone]}
     project = render(tmp_path / package, {**answers, "checkpoint_formats": ["state_dict"]}, src=ROOT)
     config = tiny_config(project, package)
     model_module = load(project, package, "model")
-    torch.manual_seed(0)
-    init = model_module.build_model(config).state_dict()
-    torch.save(init, tmp_path / "init.pt")
+    if backbone not in init_files:
+        torch.manual_seed(0)
+        init_files[backbone] = init_files["dir"] / f"{backbone}.pt"
+        torch.save(model_module.build_model(config).state_dict(), init_files[backbone])
+    init = torch.load(init_files[backbone], weights_only=True)
 
     out = tmp_path / "run"
-    load(project, package, "train").fit(config, out, epochs=1, init=tmp_path / "init.pt", device="cpu")
+    load(project, package, "train").fit(config, out, epochs=1, init=init_files[backbone], device="cpu")
 
     manifest = json.loads((out / "freeze_manifest.json").read_text())
     best = torch.load(out / "best.pt", weights_only=True)

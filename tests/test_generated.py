@@ -69,11 +69,12 @@ def test_user_flow_resnet18_pattern_with_init(user_venv, render_project, tmp_pat
 
     sys.path.insert(0, str(project / "src"))
     try:
+        from demo.config import load_config
         from demo.model import build_model
     finally:
         sys.path.remove(str(project / "src"))
     torch.manual_seed(3)
-    init = build_model(10).state_dict()
+    init = build_model(load_config()).state_dict()
     torch.save(init, tmp_path / "init.pt")
 
     out = tmp_path / "runs" / "a"

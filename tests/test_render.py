@@ -15,6 +15,8 @@ from scaffold.render import render
 from tests.conftest import ROOT
 
 SETS = answer_sets()
+# One worker renders the matrix once for every test here.
+pytestmark = pytest.mark.xdist_group("renders")
 
 
 def expected_files(row: dict, package: str) -> set[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,15 +28,58 @@ def test_new_with_a_bad_answer_says_why(tmp_path, capsys):
     assert "num_classes must be at least 2" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("backbone", ["small_cnn", "resnet18"])
-def test_layers_prints_the_backbone_table(backbone):
-    proc = subprocess.run(
-        [sys.executable, "-m", "scaffold", "layers", backbone, "--json"], capture_output=True, text=True, check=True
+# Each backbone value, a timm name and a user's factory, with the last child the table must show.
+LAYERS = {
+    "small_cnn": "head",
+    "resnet18": "fc",
+    "resnet50": "fc",
+    "vgg16_bn": "classifier",
+    "mobilenet_v3_large": "classifier",
+    "efficientnet_b0": "classifier",
+    "convnext_tiny": "classifier",
+    "vit_b_16": "heads",
+    "timm:resnet10t": "fc",
+    "user_model:build": "head",
+}
+
+
+@pytest.mark.parametrize("backbone", list(LAYERS))
+def test_layers_prints_the_backbone_table(backbone, tmp_path):
+    # A user's own factory, importable from the directory the command runs in.
+    (tmp_path / "user_model.py").write_text(
+        "from torch import nn\n\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, num_classes):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Linear(4, 8)\n"
+        "        self.head = nn.Linear(8, num_classes)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.head(self.body(x).relu())\n\n\n"
+        "def build(num_classes):\n"
+        "    return Net(num_classes)\n"
     )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "scaffold", "layers", backbone, "--json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
     table = json.loads(proc.stdout)
     names = [c["name"] for c in table["children"]]
-    assert names[-1] == {"small_cnn": "head", "resnet18": "fc"}[backbone]
+    assert names[-1] == LAYERS[backbone]
     assert all(p["state"] == "trainable" for p in table["parameters"])
+
+
+def test_new_checks_a_timm_name_against_timm_and_fills_its_head(tmp_path, capsys):
+    assert main(["new", str(tmp_path / "bad"), "--data", "backbone=timm", "--data", "timm_model=resnt18"]) == 2
+    assert "closest: resnet18" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main(["new", str(tmp_path / "p"), "--data", "backbone=timm", "--data", "timm_model=convnext_atto"]) == 0
+    answers = (tmp_path / "p" / ".copier-answers.yml").read_text()
+    assert "timm_head: head.fc" in answers and "timm_model: convnext_atto" in answers
 
 
 def test_layers_spec_is_a_dry_run_on_the_backbone():
