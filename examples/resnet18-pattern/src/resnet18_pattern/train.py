@@ -438,7 +438,7 @@ def train_one_epoch(
     count = 0
     bar = tqdm(loader, desc=desc, disable=desc is None, leave=False, unit="batch", dynamic_ncols=True)
     started = time.perf_counter()
-    for images, labels in bar:
+    for step, (images, labels) in enumerate(bar, 1):
         images, labels = to_device(images, device, channels_last), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(images)
@@ -455,10 +455,10 @@ def train_one_epoch(
                 loss=f"{loss_sum.item() / count:.4f}",
                 acc=f"{correct.item() / count:.3f}",
                 img_s=f"{count / (time.perf_counter() - started):.0f}",
-                refresh=False,
+                # Drawn at tqdm's interval, and at the last step: a fast epoch
+                # would otherwise end before its numbers were ever shown.
+                refresh=step == bar.total,
             )
-    if not bar.disable:
-        bar.refresh()  # the final numbers, also when the epoch outran tqdm's refresh interval
     return loss_sum.item(), int(correct.item()), count
 
 
