@@ -148,11 +148,13 @@ def test_channels_last_computes_what_nchw_computes(tmp_path, config, monkeypatch
     model, _ = prepare_model(config)
     x = example_inputs(config, 4)
     model.train()
+    torch.manual_seed(0)  # the same masks for any dropout or stochastic depth in both passes
     expected = model(x)
     expected.square().mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     model.to(memory_format=torch.channels_last)
+    torch.manual_seed(0)
     got = model(x.to(memory_format=torch.channels_last))
     got.square().mean().backward()
     # Other kernels sum in another order (measured on resnet18: 5e-5 on the
@@ -160,7 +162,8 @@ def test_channels_last_computes_what_nchw_computes(tmp_path, config, monkeypatch
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=2e-4)
     for name, grad in grads.items():
         error = (dict(model.named_parameters())[name].grad - grad).abs().max()
-        assert error <= 3e-3 * grad.abs().max(), f"{name}: {error}"
+        # The floor: a random-init model whose gradients are all ~1e-12 is noise either way.
+        assert error <= 3e-3 * grad.abs().max() + 1e-8, f"{name}: {error}"
 
     torch.manual_seed(config["train"]["seed"])
     frozen = {n: p.detach().clone() for n, p in prepare_model(config)[0].named_parameters() if not p.requires_grad}

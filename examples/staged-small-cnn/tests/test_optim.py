@@ -108,7 +108,12 @@ def test_the_scaler_is_skipped_when_no_parameter_got_a_gradient(config):
 
 
 def test_checkpointed_blocks_behind_a_frozen_prefix_get_their_gradients(config):
-    config["freeze"]["names"] = ["idx:0"]
+    # Frozen: everything before the second block (the first block, and
+    # parameters outside every block such as a ViT's position embedding).
+    model = build_model(config)
+    later = blocks_with_parameters(model)[1:]
+    prefix = [n for n, _ in model.named_parameters() if not n.startswith(tuple(b + "." for b in later))]
+    config["freeze"]["names"] = prefix
     # BatchNorm that trains: the recompute must neither change the gradients nor count the batch twice.
     config["freeze"]["bn_modes"] = {"type:BatchNorm2d": "train"}
     x = example_inputs(config, 4)
