@@ -7,44 +7,29 @@ checks that README.md holds exactly this table.
 
 from __future__ import annotations
 
-import importlib
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from scaffold.matrix import DIMENSIONS
 from scaffold.render import render
+from tests.conftest import ROOT, import_rendered
 
-ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- backbone-table:begin -->", "<!-- backbone-table:end -->"
-ANSWERS = {
-    "small_cnn": {},
-    "resnet18": {},
-    "resnet50": {},
-    "vgg16_bn": {},
-    "mobilenet_v3_large": {},
-    "efficientnet_b0": {},
-    "convnext_tiny": {},
-    "vit_b_16": {},
-    "timm": {},  # the default timm_model
-    "custom": {},  # the shipped character model
-}
 
 
 def row(backbone: str, workdir: Path) -> str:
     package = f"table_{backbone}"
-    data = {"project_name": package, "backbone": backbone, "freeze_by": "name", **ANSWERS[backbone]}
+    # Default answers throughout: timm's default model, custom's shipped character model.
+    data = {"project_name": package, "backbone": backbone, "freeze_by": "name"}
     project = render(workdir / package, data, src=ROOT)
     for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
         del sys.modules[name]  # an earlier table's render, now deleted
-    sys.path.insert(0, str(project / "src"))
-    try:
-        config = importlib.import_module(f"{package}.config").load_config()
-        model_module = importlib.import_module(f"{package}.model")
-        freeze = importlib.import_module(f"{package}.freeze")
-    finally:
-        sys.path.remove(str(project / "src"))
+    config = import_rendered(project, package, "config").load_config()
+    model_module = import_rendered(project, package, "model")
+    freeze = import_rendered(project, package, "freeze")
     with torch.device("meta"):
         model = model_module.build_model(config)
     sizes = {name: p.numel() for name, p in model.named_parameters()}
@@ -68,7 +53,7 @@ def table() -> str:
         "|---|---|---:|---:|---|---:|",
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        lines += [row(backbone, Path(tmp)) for backbone in ANSWERS]
+        lines += [row(backbone, Path(tmp)) for backbone in DIMENSIONS["backbone"]]
     return "\n".join(lines)
 
 

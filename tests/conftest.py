@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import site
 import subprocess
+import sys
 import venv
 from pathlib import Path
 
@@ -19,6 +21,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # worker and in the generated suites it starts, so none oversubscribes.
     # Set before anything imports torch, which reads it once.
     os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def import_rendered(project: Path, package: str, module: str):
+    """`package.module` of a rendered project, imported in this process."""
+    sys.path.insert(0, str(project / "src"))
+    try:
+        return importlib.import_module(f"{package}.{module}")
+    finally:
+        sys.path.remove(str(project / "src"))
 
 
 @pytest.fixture

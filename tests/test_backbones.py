@@ -7,45 +7,26 @@ one epoch on a tiny synthetic set at the smallest input the model takes.
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 
+from scaffold.matrix import DIMENSIONS
 from scaffold.render import render
 from tests.backbone_table import readme_table, table
-from tests.conftest import ROOT
+from tests.conftest import ROOT, import_rendered
 
-# Answers beyond `backbone` per backbone value; timm trains its smallest ViT.
-BACKBONES: dict[str, dict] = {
-    "small_cnn": {},
-    "resnet18": {},
-    "resnet50": {},
-    "vgg16_bn": {},
-    "mobilenet_v3_large": {},
-    "efficientnet_b0": {},
-    "convnext_tiny": {},
-    "vit_b_16": {},
-    "timm": {"timm_model": "vit_tiny_patch16_224"},
-    "custom": {},
-}
+# Every backbone value; the answers beyond `backbone`: timm trains its smallest ViT.
+BACKBONES = DIMENSIONS["backbone"]
+EXTRA_ANSWERS: dict[str, dict] = {"timm": {"timm_model": "vit_tiny_patch16_224"}}
 FREEZE_BY = ["backbone", "name", "index", "pattern"]
 
 
-def load(project: Path, package: str, module: str):
-    sys.path.insert(0, str(project / "src"))
-    try:
-        return importlib.import_module(f"{package}.{module}")
-    finally:
-        sys.path.remove(str(project / "src"))
-
-
 def tiny_config(project: Path, package: str) -> dict:
-    config = load(project, package, "config").load_config()
+    config = import_rendered(project, package, "config").load_config()
     config["train"].update(epochs=1, batch_size=8, num_workers=0)
     if "image_size" in config["train"]:
         config["train"]["image_size"] = 32
@@ -64,13 +45,13 @@ def init_files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("freeze_by", FREEZE_BY)
-@pytest.mark.parametrize("backbone", list(BACKBONES))
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_every_backbone_trains_an_epoch_with_each_freeze_kind(tmp_path, init_files, backbone, freeze_by):
     package = f"bb_{backbone}_{freeze_by}"
-    answers = {"project_name": package, "backbone": backbone, "freeze_by": freeze_by, **BACKBONES[backbone]}
+    answers = {"project_name": package, "backbone": backbone, "freeze_by": freeze_by, **EXTRA_ANSWERS.get(backbone, {})}
     project = render(tmp_path / package, {**answers, "checkpoint_formats": ["state_dict"]}, src=ROOT)
     config = tiny_config(project, package)
-    model_module = load(project, package, "model")
+    model_module = import_rendered(project, package, "model")
     if backbone not in init_files:
         torch.manual_seed(0)
         init_files[backbone] = init_files["dir"] / f"{backbone}.pt"
@@ -78,7 +59,7 @@ def test_every_backbone_trains_an_epoch_with_each_freeze_kind(tmp_path, init_fil
     init = torch.load(init_files[backbone], weights_only=True)
 
     out = tmp_path / "run"
-    load(project, package, "train").fit(config, out, epochs=1, init=init_files[backbone], device="cpu")
+    import_rendered(project, package, "train").fit(config, out, epochs=1, init=init_files[backbone], device="cpu")
 
     manifest = json.loads((out / "freeze_manifest.json").read_text())
     best = torch.load(out / "best.pt", weights_only=True)
@@ -111,7 +92,7 @@ def test_timm_defaults_resolve_on_every_family(tmp_path, timm_model):
         project = render(tmp_path / package, answers, src=ROOT)
         assert f'HEAD = "{head}"' in (project / "src" / package / "model.py").read_text()
         config = tiny_config(project, package)
-        prepared, state = load(project, package, "train").prepare_model(config)
+        prepared, state = import_rendered(project, package, "train").prepare_model(config)
         assert state.frozen and any(p.requires_grad for p in prepared.get_submodule(head).parameters())
 
 

@@ -113,21 +113,21 @@ def checked_folder(folder: Path, transform, bad_images: str) -> Dataset:
             if not skip:
                 raise DataError(problem + advice)
             print(f"warning: {problem}; the class keeps its index but has no examples here", file=sys.stderr)
-    bad = []
+    bad: dict[str, str] = {}  # path -> why it does not open
     for path, _ in dataset.samples:
         try:
             with Image.open(path) as image:
                 image.verify()
         except Exception as err:  # noqa: BLE001 - PIL raises many types for a broken file
-            bad.append(f"{path} ({type(err).__name__}: {err})")
+            bad[path] = f"{type(err).__name__}: {err}"
     if bad:
         more = " ..." if len(bad) > 5 else ""
-        problem = f"{len(bad)} unreadable image(s) in {folder}: " + "; ".join(bad[:5]) + more
+        named = "; ".join(f"{path} ({why})" for path, why in list(bad.items())[:5])
+        problem = f"{len(bad)} unreadable image(s) in {folder}: {named}{more}"
         if not skip:
             raise DataError(problem + advice)
         print(f"warning: skipping {problem}", file=sys.stderr)
-        broken = {entry.rsplit(" (", 1)[0] for entry in bad}
-        dataset.samples = [sample for sample in dataset.samples if sample[0] not in broken]
+        dataset.samples = [sample for sample in dataset.samples if sample[0] not in bad]
         dataset.imgs = dataset.samples
         dataset.targets = [target for _, target in dataset.samples]
     return dataset
