@@ -13,6 +13,7 @@ import torch
 
 import custom_char_model
 from custom_char_model.config import load_config
+from custom_char_model.model import build_model
 
 # The folder holding the package, installed or not, for child processes.
 SRC = Path(custom_char_model.__file__).parents[1]
@@ -64,6 +65,15 @@ def to_toml(config: dict) -> str:
 
 def has_params(module: torch.nn.Module) -> bool:
     return any(True for _ in module.parameters())
+
+
+def pretrained_like(path: Path, config: dict) -> dict[str, torch.Tensor]:
+    """Seeded random weights saved as a pretrained file would be."""
+    torch.manual_seed(config["train"]["seed"])
+    model = build_model(config)
+    state = model.state_dict()
+    torch.save(state, path)
+    return state
 
 
 def frozen_names(model: torch.nn.Module) -> list[str]:

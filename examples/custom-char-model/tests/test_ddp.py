@@ -94,7 +94,8 @@ def test_rank_0_alone_chooses_the_checkpoint_to_resume(tmp_path, config_file):
     assert proc.stdout.count("resume: skipped last.ckpt") == 1, proc.stdout
     assert proc.stdout.count("resumed from ") == 1 and "epoch-0000.ckpt" in proc.stdout
     assert proc.stdout.count("epoch 1: train_loss") == 1
-    missing = torchrun("-m", "custom_char_model", *args, "--resume", str(tmp_path / "nowhere"), processes=2, check=False)
+    nowhere = str(tmp_path / "nowhere")
+    missing = torchrun("-m", "custom_char_model", *args, "--resume", nowhere, processes=PROCESSES, check=False)
     assert missing.returncode != 0 and "no such checkpoint or run folder" in missing.stderr
 
 

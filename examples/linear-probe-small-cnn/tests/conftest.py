@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 import linear_probe_small_cnn
 from linear_probe_small_cnn.config import load_config
+from linear_probe_small_cnn.data import DEFAULT_DATA, make_datasets
+from linear_probe_small_cnn.model import build_model
 
 # The folder holding the package, installed or not, for child processes.
 SRC = Path(linear_probe_small_cnn.__file__).parents[1]
@@ -65,6 +68,23 @@ def to_toml(config: dict) -> str:
 
 def has_params(module: torch.nn.Module) -> bool:
     return any(True for _ in module.parameters())
+
+
+def pretrained_like(path: Path, config: dict) -> dict[str, torch.Tensor]:
+    """Seeded random weights saved as a pretrained file, with BatchNorm statistics measured on the data.
+
+    Real pretrained weights come with statistics that fit their inputs; a
+    random model's (mean 0, variance 1) do not, and through a deep network
+    they shrink the features (to ~1e-9 in mobilenet_v3_large) until a head
+    trained on a frozen backbone has nothing to learn from.
+    """
+    torch.manual_seed(config["train"]["seed"])
+    model = build_model(config)
+    train, _ = make_datasets(DEFAULT_DATA, config)
+    torch.optim.swa_utils.update_bn(DataLoader(train, batch_size=config["train"]["batch_size"]), model)
+    state = model.state_dict()
+    torch.save(state, path)
+    return state
 
 
 def frozen_names(model: torch.nn.Module) -> list[str]:

@@ -6,18 +6,15 @@ import json
 
 import pytest
 import torch
-from conftest import to_toml, torchrun
+from conftest import pretrained_like, to_toml, torchrun
 
 from linear_probe_small_cnn.checkpoint import RunFiles, read_state_dict
-from linear_probe_small_cnn.model import build_model
 from linear_probe_small_cnn.train import fit
 
 
 @pytest.mark.cuda
 def test_cuda_run_with_amp_keeps_frozen_tensors(tmp_path, config):
-    torch.manual_seed(7)
-    init = build_model(config).state_dict()
-    torch.save(init, tmp_path / "init.pt")
+    init = pretrained_like(tmp_path / "init.pt", config)
     history = fit(config, tmp_path / "run", epochs=2, init=tmp_path / "init.pt", device="cuda")
     assert history[-1]["val_acc"] > 1 / config["model"]["num_classes"]
     manifest = json.loads((tmp_path / "run" / "freeze_manifest.json").read_text())

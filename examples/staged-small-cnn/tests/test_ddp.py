@@ -96,12 +96,13 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, config, monk
     assert not any(m.training for m in single.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
 
     rank0 = ddp_fit(tmp_path, config, tmp_path / "ddp")[0]
+    # Gradients are summed in another order, and Adam's normalised step turns
+    # that rounding into a few % of one lr step (measured: 4% at lr 1e-3 on
+    # small_cnn, 2.6% at lr 1e-2 on mobilenet_v3_large). A wrong split of the
+    # batch moves weights by whole steps.
+    step = config["train"]["lr"]
     for key, value in single.state_dict().items():
-        # Gradients are summed in another order, and Adam's normalised step
-        # turns that rounding into a few % of one lr step at most (measured:
-        # 4e-5 with lr 1e-3). A wrong split of the batch moves weights by
-        # whole steps.
-        torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=0.1 * step, msg=lambda m, key=key: f"{key}: {m}")
     # Losses and accuracy are summed over both ranks' shares: the same numbers.
     for x, y in zip(metrics(tmp_path / "single"), metrics(tmp_path / "ddp"), strict=True):
         assert x == pytest.approx(y, rel=1e-4)
@@ -135,7 +136,8 @@ def test_rank_0_alone_chooses_the_checkpoint_to_resume(tmp_path, config_file):
     assert proc.stdout.count("resume: skipped last.ckpt") == 1, proc.stdout
     assert proc.stdout.count("resumed from ") == 1 and "epoch-0000.ckpt" in proc.stdout
     assert proc.stdout.count("epoch 1: train_loss") == 1
-    missing = torchrun("-m", "staged_small_cnn", *args, "--resume", str(tmp_path / "nowhere"), processes=2, check=False)
+    nowhere = str(tmp_path / "nowhere")
+    missing = torchrun("-m", "staged_small_cnn", *args, "--resume", nowhere, processes=PROCESSES, check=False)
     assert missing.returncode != 0 and "no such checkpoint or run folder" in missing.stderr
 
 
