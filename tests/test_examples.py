@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,3 +23,16 @@ def test_example_equals_a_fresh_render(tmp_path, name):
     assert committed.keys() == fresh.keys(), "run `python -m tests.regen_examples`"
     stale = [name for name in fresh if fresh[name] != committed[name]]
     assert not stale, f"stale files {stale}; run `python -m tests.regen_examples`"
+
+
+def test_examples_are_ruff_clean():
+    """Their package names are longer than the matrix's finetune_demo, so lines wrap elsewhere."""
+    for command in (["check"], ["format", "--check"]):
+        for example in EXAMPLES:
+            proc = subprocess.run(
+                [sys.executable, "-m", "ruff", *command, "--no-cache", "."],
+                cwd=ROOT / "examples" / example,
+                capture_output=True,
+                text=True,
+            )
+            assert proc.returncode == 0, f"{example}: {proc.stdout}{proc.stderr}"
