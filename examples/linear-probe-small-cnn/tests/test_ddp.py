@@ -12,9 +12,8 @@ import pytest
 import torch
 from conftest import shrink, to_toml, torchrun
 
-from linear_probe_small_cnn import train
 from linear_probe_small_cnn.checkpoint import RunFiles
-from linear_probe_small_cnn.train import fit
+from linear_probe_small_cnn.train import prepare_model
 
 PROCESSES = 2
 
@@ -46,13 +45,15 @@ HARNESS = textwrap.dedent(
 )
 
 
-def ddp_fit(tmp_path: Path, config: dict, out: Path | None, **options) -> list[dict[str, torch.Tensor]]:
+def ddp_fit(
+    tmp_path: Path, config: dict, out: Path | None, processes: int = PROCESSES, **options
+) -> list[dict[str, torch.Tensor]]:
     """fit() under torchrun; every rank's final state_dict, in rank order."""
-    harness, dump = tmp_path / "harness.py", tmp_path / "ranks"
+    harness, dump = tmp_path / "harness.py", tmp_path / f"ranks-of-{processes}"
     harness.write_text(HARNESS)
     dump.mkdir(exist_ok=True)
-    torchrun(str(harness), json.dumps(config), str(out or ""), str(dump), json.dumps(options), processes=PROCESSES)
-    return [torch.load(dump / f"rank{rank}.pt", weights_only=True) for rank in range(PROCESSES)]
+    torchrun(str(harness), json.dumps(config), str(out or ""), str(dump), json.dumps(options), processes=processes)
+    return [torch.load(dump / f"rank{rank}.pt", weights_only=True) for rank in range(processes)]
 
 
 @pytest.fixture
@@ -76,30 +77,22 @@ def test_every_rank_ends_with_identical_weights(tmp_path, config):
         assert torch.equal(value, saved["model"][key]), key
 
 
-def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, config, monkeypatch):
-    models = []
-    prepare = train.prepare_model
-
-    def keep(*args, **kwargs):
-        model, state = prepare(*args, **kwargs)
-        models.append(model)
-        return model, state
-
-    monkeypatch.setattr(train, "prepare_model", keep)
-    fit(config, tmp_path / "single", device="cpu")
-    single = models[0]
+def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, config):
     # The premise: BatchNorm normalises with fixed statistics even in train mode,
     # so splitting a batch over processes cannot change what it computes.
-    single.train()
-    assert not any(m.training for m in single.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    model, _ = prepare_model(config)
+    model.train()
+    assert not any(m.training for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
 
+    # Both through the same harness; one process sees the whole batch.
+    single = ddp_fit(tmp_path, config, tmp_path / "single", processes=1)[0]
     rank0 = ddp_fit(tmp_path, config, tmp_path / "ddp")[0]
     # Gradients are summed in another order, and Adam's normalised step turns
     # that rounding into a few % of one lr step (measured: 4% at lr 1e-3 on
     # small_cnn, 2.6% at lr 1e-2 on mobilenet_v3_large). A wrong split of the
     # batch moves weights by whole steps.
     step = config["train"]["lr"]
-    for key, value in single.state_dict().items():
+    for key, value in single.items():
         torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=0.1 * step, msg=lambda m, key=key: f"{key}: {m}")
     # Losses and accuracy are summed over both ranks' shares: the same numbers.
     for x, y in zip(metrics(tmp_path / "single"), metrics(tmp_path / "ddp"), strict=True):

@@ -42,13 +42,15 @@ HARNESS = textwrap.dedent(
 )
 
 
-def ddp_fit(tmp_path: Path, config: dict, out: Path | None, **options) -> list[dict[str, torch.Tensor]]:
+def ddp_fit(
+    tmp_path: Path, config: dict, out: Path | None, processes: int = PROCESSES, **options
+) -> list[dict[str, torch.Tensor]]:
     """fit() under torchrun; every rank's final state_dict, in rank order."""
-    harness, dump = tmp_path / "harness.py", tmp_path / "ranks"
+    harness, dump = tmp_path / "harness.py", tmp_path / f"ranks-of-{processes}"
     harness.write_text(HARNESS)
     dump.mkdir(exist_ok=True)
-    torchrun(str(harness), json.dumps(config), str(out or ""), str(dump), json.dumps(options), processes=PROCESSES)
-    return [torch.load(dump / f"rank{rank}.pt", weights_only=True) for rank in range(PROCESSES)]
+    torchrun(str(harness), json.dumps(config), str(out or ""), str(dump), json.dumps(options), processes=processes)
+    return [torch.load(dump / f"rank{rank}.pt", weights_only=True) for rank in range(processes)]
 
 
 @pytest.fixture
