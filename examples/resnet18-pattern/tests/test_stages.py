@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import has_params, shrink, to_toml
+from conftest import has_params, pretrained_like, shrink, to_toml
 
 from resnet18_pattern import train
 from resnet18_pattern.checkpoint import torch_load
@@ -20,15 +20,24 @@ EPOCHS = 4
 
 
 def stage_plan(config: dict) -> tuple[str, list[str], list[str]]:
-    """Two stages over the frozen part: its last whole child at epoch 1, the rest at epoch 2."""
+    """Two stages over the frozen part: its last wholly frozen module at epoch 1, the rest at epoch 2.
+
+    That module is a top-level child, or a block of the child that holds the
+    whole frozen part (efficientnet_b0: features.8 of features).
+    """
     model, _ = train.prepare_model(config)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    whole = [
+
+    def params_of(name: str, module: torch.nn.Module) -> set[str]:
+        return {f"{name}.{n}" for n, _ in module.named_parameters()}
+
+    parts = [
         name
-        for name, child in model.named_children()
-        if has_params(child) and all(f"{name}.{n}" in frozen for n, _ in child.named_parameters())
+        for name, module in model.named_modules()
+        if name and has_params(module) and params_of(name, module) <= frozen and params_of(name, module) != frozen
     ]
-    first = whole[-1]
+    shallowest = min(name.count(".") for name in parts)
+    first = [name for name in parts if name.count(".") == shallowest][-1]
     config["unfreeze"]["stages"] = [
         {"epoch": 2, "select": "*", "lr_mult": 0.5, "warmup_epochs": 1},
         {"epoch": 1, "select": first, "lr_mult": 0.1},  # listed out of order on purpose
@@ -64,7 +73,10 @@ def moved(before, after, names):
 def test_each_stage_waits_for_its_epoch_then_trains_on_schedule(tmp_path, config, monkeypatch, capsys):
     first, a, b = stage_plan(config)
     seen, models = spy_on_epochs(monkeypatch)
-    train.fit(config, tmp_path / "run", epochs=EPOCHS, device="cpu")
+    # Every released tensor must move in its first epoch: that needs features
+    # of a sane scale reaching it, as pretrained weights would give.
+    pretrained_like(tmp_path / "init.pt", config)
+    train.fit(config, tmp_path / "run", epochs=EPOCHS, init=tmp_path / "init.pt", device="cpu")
     end = {n: p.detach() for n, p in models[0].named_parameters()}
     (w0, _), (w1, g1), (w2, g2), (w3, g3) = seen
 
@@ -134,7 +146,8 @@ def test_compiled_model_is_rebuilt_at_a_stage(tmp_path, config, monkeypatch):
     config["train"].update(compile=True, compile_backend="aot_eager")
     shrink(config, 64, 32)
     seen, models = spy_on_epochs(monkeypatch)
-    train.fit(config, tmp_path / "run", epochs=2, device="cpu")
+    pretrained_like(tmp_path / "init.pt", config)
+    train.fit(config, tmp_path / "run", epochs=2, init=tmp_path / "init.pt", device="cpu")
     (w0, _), (w1, _) = seen
     end = {n: p.detach() for n, p in models[0].named_parameters()}
     assert moved(w0, w1, a) == [] and moved(w1, end, a) == a

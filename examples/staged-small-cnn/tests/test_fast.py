@@ -96,8 +96,8 @@ def test_the_cache_is_dropped_when_a_stage_unfreezes(tmp_path, config, monkeypat
     ("change", "reason"),
     [
         ({"bn_modes": {"type:BatchNorm2d": "train"}}, "updates its statistics"),
-        # The first child trains too.
-        ({"names": ["!head", "!idx:0"]}, "outside the head train"),
+        # The first parameter tensor trains too.
+        ({"names": ["!head", "!param_idx:0"]}, "outside the head train"),
     ],
 )
 def test_auto_says_why_it_does_not_cache_and_true_refuses(config, change, reason):
