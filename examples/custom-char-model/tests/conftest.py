@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 import custom_char_model
 from custom_char_model.config import load_config
-from custom_char_model.model import build_model
+from custom_char_model.data import DEFAULT_DATA, make_datasets
+from custom_char_model.model import HEAD, build_model
 
 # The folder holding the package, installed or not, for child processes.
 SRC = Path(custom_char_model.__file__).parents[1]
@@ -68,10 +70,24 @@ def has_params(module: torch.nn.Module) -> bool:
 
 
 def pretrained_like(path: Path, config: dict) -> dict[str, torch.Tensor]:
-    """Seeded random weights saved as a pretrained file would be."""
+    """What a pretrained file is to a fine-tune, saved to `path`: features that fit the data, no head.
+
+    One epoch of training on the synthetic data, everything trainable. Random weights are no stand-in:
+    a head on random features of a deep network barely beats chance (resnet50).
+    The head's tensors are left out, as a file trained for another task has
+    its own.
+    """
     torch.manual_seed(config["train"]["seed"])
     model = build_model(config)
-    state = model.state_dict()
+    train, _ = make_datasets(DEFAULT_DATA, config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    for inputs, labels in DataLoader(train, batch_size=config["train"]["batch_size"], shuffle=True):
+        loss = torch.nn.functional.cross_entropy(model(inputs), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(HEAD + ".")}
     torch.save(state, path)
     return state
 

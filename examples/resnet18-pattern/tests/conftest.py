@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 import resnet18_pattern
 from resnet18_pattern.config import load_config
 from resnet18_pattern.data import DEFAULT_DATA, make_datasets
-from resnet18_pattern.model import build_model
+from resnet18_pattern.model import HEAD, build_model
 
 # The folder holding the package, installed or not, for child processes.
 SRC = Path(resnet18_pattern.__file__).parents[1]
@@ -73,18 +73,28 @@ def has_params(module: torch.nn.Module) -> bool:
 
 
 def pretrained_like(path: Path, config: dict) -> dict[str, torch.Tensor]:
-    """Seeded random weights saved as a pretrained file, with BatchNorm statistics measured on the data.
+    """What a pretrained file is to a fine-tune, saved to `path`: features that fit the data, no head.
 
-    Real pretrained weights come with statistics that fit their inputs; a
-    random model's (mean 0, variance 1) do not, and through a deep network
-    they shrink the features (to ~1e-9 in mobilenet_v3_large) until a head
-    trained on a frozen backbone has nothing to learn from.
+    One epoch of training on the synthetic data, everything trainable, then
+    BatchNorm statistics measured over it. Random weights are no stand-in:
+    their BatchNorm statistics (mean 0, variance 1) shrink a deep network's
+    features to ~1e-9 (mobilenet_v3_large), and
+    a head on random features of a deep network barely beats chance (resnet50).
+    The head's tensors are left out, as a file trained for another task has
+    its own.
     """
     torch.manual_seed(config["train"]["seed"])
     model = build_model(config)
     train, _ = make_datasets(DEFAULT_DATA, config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    for inputs, labels in DataLoader(train, batch_size=config["train"]["batch_size"], shuffle=True):
+        loss = torch.nn.functional.cross_entropy(model(inputs), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
     torch.optim.swa_utils.update_bn(DataLoader(train, batch_size=config["train"]["batch_size"]), model)
-    state = model.state_dict()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(HEAD + ".")}
     torch.save(state, path)
     return state
 
