@@ -1,7 +1,8 @@
 """Whole epochs of a linear probe, and step time against frozen depth.
 
-Every measurement runs in a fresh process, on the same resnet18, synthetic
-data, batch size and thread count:
+Every measurement runs in a fresh process, on the same model (resnet18, then
+resnet50, each from its own render), synthetic data, batch size and thread
+count:
 
   e  Lightning's BackboneFinetuning (backbone frozen for the whole run), the
      same model, data, batch, optimizer and validation, through lightning.Trainer
@@ -10,8 +11,9 @@ data, batch size and thread count:
   g  one step of the generated loop with the stem, then each further stage,
      frozen: stem, +layer1, ..., +layer4 (a PNG plot)
 
-    python bench/linear_probe.py [--size 128] [--batch 32] [--train 512] [--val 256] [--epochs 4]
-                                 [--steps 7] [--project DIR] [--out bench/results/linear_probe.json]
+    python bench/linear_probe.py [--models resnet18,resnet50] [--size 128] [--batch 32] [--train 256]
+                                 [--val 128] [--epochs 4] [--steps 7] [--project DIR]
+                                 [--out bench/results/linear_probe.json]
 
 Epoch times are medians over the epochs after the first (the cache is
 built in the first). Lightning is a bench-only dependency: pip install lightning.
@@ -152,57 +154,28 @@ def run_depth(project: Path, args, depth: int) -> dict:
     return {"seconds": statistics.median(times)}
 
 
-def plot(depths: list[dict], full_step: float, path: Path) -> None:
+def plot(by_model: dict[str, dict], path: Path) -> None:
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(6, 3.5), dpi=120)
     axes = figure.add_subplot()
-    ratios = [d["seconds"] / full_step for d in depths]
-    axes.plot(DEPTH_LABELS, ratios, marker="o")
+    top = 1.05
+    for model_name, report in by_model.items():
+        ratios = list(report["ratios"]["frozen depth / full step"].values())
+        axes.plot(DEPTH_LABELS, ratios, marker="o", label=model_name)
+        top = max(top, max(ratios) * 1.1)
     axes.axhline(1.0, color="grey", linestyle="--", linewidth=1)
-    axes.set_ylim(0, max(1.05, max(ratios) * 1.1))
-    axes.set_xlabel("frozen (resnet18)")
+    axes.set_ylim(0, top)
+    axes.set_xlabel("frozen")
     axes.set_ylabel("step time / full fine-tune step")
     axes.set_title("A deeper frozen prefix: a cheaper step")
+    axes.legend()
     figure.tight_layout()
     figure.savefig(path)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--train", type=int, default=512)
-    parser.add_argument("--val", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=7)
-    parser.add_argument("--project", type=Path, help="a rendered resnet18 backbone/eval_frozen project")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "linear_probe.json")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-
-    if args.one:
-        kind, _, arg = args.one.partition(":")
-        if kind == "fit":
-            result = run_fit(args.project, args, cache=arg == "on")
-        elif kind == "lightning":
-            result = run_lightning(args.project, args)
-        else:
-            result = run_depth(args.project, args, int(arg))
-        print(json.dumps(result))
-        return
-
-    import torch
-
-    project = args.project
-    if project is None:
-        sys.path.insert(0, str(ROOT))
-        from scaffold.render import render
-
-        answers = {"backbone": "resnet18", "freeze_by": "pattern", "bn_policy": "eval_frozen"}
-        project = render(Path(tempfile.mkdtemp(prefix="bench-")) / "p", answers)
-    options = ["--size", str(args.size), "--batch", str(args.batch), "--train", str(args.train)]
-    options += ["--val", str(args.val), "--epochs", str(args.epochs), "--steps", str(args.steps)]
+def bench_model(project: Path, options: list[str]) -> dict:
+    """Every comparison on one rendered project, each in a fresh process."""
 
     def one(kind: str) -> dict:
         command = [sys.executable, __file__, "--one", kind, "--project", str(project), *options]
@@ -222,6 +195,53 @@ def main() -> None:
             label: d["seconds"] / full["seconds"] for label, d in zip(DEPTH_LABELS, depths, strict=True)
         },
     }
+    return {"results": {**results, "g": depths, "full_step": full}, "ratios": ratios}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet18,resnet50")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--train", type=int, default=256)
+    parser.add_argument("--val", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument(
+        "--project", type=Path, help="a rendered pattern/eval_frozen project of the one model in --models"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "linear_probe.json")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        kind, _, arg = args.one.partition(":")
+        if kind == "fit":
+            result = run_fit(args.project, args, cache=arg == "on")
+        elif kind == "lightning":
+            result = run_lightning(args.project, args)
+        else:
+            result = run_depth(args.project, args, int(arg))
+        print(json.dumps(result))
+        return
+
+    models = args.models.split(",")
+    if args.project and len(models) != 1:
+        parser.error("--project is one model's render: give --models that model alone")
+    import torch
+
+    options = ["--size", str(args.size), "--batch", str(args.batch), "--train", str(args.train)]
+    options += ["--val", str(args.val), "--epochs", str(args.epochs), "--steps", str(args.steps)]
+    by_model = {}
+    for model_name in models:
+        project = args.project
+        if project is None:
+            sys.path.insert(0, str(ROOT))
+            from scaffold.render import render
+
+            answers = {"backbone": model_name, "freeze_by": "pattern", "bn_policy": "eval_frozen"}
+            project = render(Path(tempfile.mkdtemp(prefix="bench-")) / "p", answers)
+        by_model[model_name] = bench_model(project, options)
+
     device = f"CPU ({torch.get_num_threads()} threads)"
     report = {
         "device": device,
@@ -232,18 +252,19 @@ def main() -> None:
         "train": args.train,
         "val": args.val,
         "epochs": args.epochs,
-        "results": {**results, "g": depths, "full_step": full},
-        "ratios": ratios,
+        "models": by_model,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    plot(depths, full["seconds"], args.out.with_name("frozen_depth.png"))
-    print(f"{device}, torch {torch.__version__}, resnet18, batch {args.batch} at {args.size}x{args.size}")
+    plot(by_model, args.out.with_name("frozen_depth.png"))
+    print(f"{device}, torch {torch.__version__}, batch {args.batch} at {args.size}x{args.size}")
     labels = {"e": "Lightning BackboneFinetuning", "a": "generated, cache off", "f": "generated, cache on"}
-    for key, label in labels.items():
-        print(f"{key} {label:<32} median epoch {results[key]['median_after_first']:.3f} s")
-    for key, value in ratios.items():
-        print(f"{key}: {value if isinstance(value, dict) else round(value, 2)}")
+    for model_name, result in by_model.items():
+        for key, label in labels.items():
+            median = result["results"][key]["median_after_first"]
+            print(f"{model_name:<9} {key} {label:<32} median epoch {median:.3f} s")
+        for key, value in result["ratios"].items():
+            print(f"{model_name:<9} {key}: {value if isinstance(value, dict) else round(value, 2)}")
 
 
 if __name__ == "__main__":
