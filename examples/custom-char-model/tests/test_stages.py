@@ -34,7 +34,7 @@ def stage_plan(config: dict) -> tuple[str, list[str], list[str]]:
     parts = [
         name
         for name, module in model.named_modules()
-        if name and has_params(module) and params_of(name, module) <= frozen and params_of(name, module) != frozen
+        if name and has_params(module) and params_of(name, module) < frozen  # a proper part of it
     ]
     shallowest = min(name.count(".") for name in parts)
     first = [name for name in parts if name.count(".") == shallowest][-1]
