@@ -15,10 +15,13 @@ same model, batch and thread count, and the table reports ratios:
 
 The generated code comes from a resnet18 render (`--project` takes one made
 elsewhere, e.g. on a GPU machine without Copier); for resnet50 its ARCH is
-switched, the rest of the code is the same. On CUDA, AMP is on as in the
-generated project (fp16 autocast + GradScaler) for every variant, and memory
-is torch.cuda.max_memory_allocated; on CPU it is the growth of the peak RSS
-over the RSS before the first step.
+switched, the rest of the code is the same. Every variant runs at the
+precision and memory layout the generated project picks for the device
+(its amp_dtype and use_channels_last with the default config): on CUDA,
+bf16 autocast where the GPU has it (else fp16 with a GradScaler) and
+channels_last; on the CPU, fp32 and NCHW. Memory is
+torch.cuda.max_memory_allocated on CUDA; on the CPU it is the growth of the
+peak RSS over the RSS before the first step.
 """
 
 from __future__ import annotations
@@ -67,23 +70,26 @@ def measure(project: Path, model_name: str, variant: str, size: int, batch: int,
     config = config_mod.load_config()
     config["model"]["pretrained"] = False
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    use_amp = dev.type == "cuda"
-    torch.manual_seed(0)
-    images = torch.randn(batch, 3, size, size, device=dev)
-    labels = torch.randint(0, config["model"]["num_classes"], (batch,), device=dev)
-    scaler = torch.amp.GradScaler(dev.type, enabled=use_amp)
-
+    amp = train.amp_dtype(config["train"], dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
     if variant == "a":
         model, _ = train.prepare_model(config)
-        model.to(dev)
+    else:
+        model = model_mod.build_model(config)
+    channels_last = train.use_channels_last(config["train"]["channels_last"], model, dev)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(dev, memory_format=layout)
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, size, size, device=dev).to(memory_format=layout)
+    labels = torch.randint(0, config["model"]["num_classes"], (batch,), device=dev)
+
+    if variant == "a":
         optimizer = train.make_optimizer(model, config)
 
         def step() -> None:
-            amp = torch.float16 if use_amp else None
-            train.train_one_epoch(model, [(images, labels)], optimizer, scaler, dev, amp)
+            train.train_one_epoch(model, [(images, labels)], optimizer, scaler, dev, amp, channels_last=channels_last)
 
     else:
-        model = model_mod.build_model(config).to(dev)
         head = model.fc
         if variant == "b":
             model.fc = nn.Identity()
@@ -95,7 +101,7 @@ def measure(project: Path, model_name: str, variant: str, size: int, batch: int,
         backbone = [p for name, p in model.named_parameters() if not name.startswith("fc.")]
 
         def step() -> None:
-            with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
+            with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
                 if variant == "b":
                     with torch.no_grad():
                         features = model(images)
@@ -131,7 +137,14 @@ def measure(project: Path, model_name: str, variant: str, size: int, batch: int,
         memory = torch.cuda.max_memory_allocated() / 2**20
     else:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    return {"seconds": statistics.median(times), "memory_mib": memory}
+    seconds = statistics.median(times)
+    return {
+        "seconds": seconds,
+        "images_per_s": batch / seconds,
+        "memory_mib": memory,
+        "autocast": str(amp).removeprefix("torch.") if amp else "off",
+        "channels_last": channels_last,
+    }
 
 
 def main() -> None:
@@ -179,19 +192,23 @@ def main() -> None:
         "device": device,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "amp": torch.cuda.is_available(),
+        # What the generated project picked on this device (the same for every variant).
+        "autocast": next(iter(results.values()))["a"]["autocast"],
+        "channels_last": next(iter(results.values()))["a"]["channels_last"],
         "size": args.size,
         "batch": args.batch,
         "steps": args.steps,
         "results": results,
         "ratios": ratios,
     }
-    print(f"{device}, torch {torch.__version__}, batch {args.batch} at {args.size}x{args.size}")
-    print(f"{'model':<10} {'variant':<40} {'ms/step':>9} {'MiB':>8}")
+    print(f"{device}, torch {torch.__version__}, batch {args.batch} at {args.size}x{args.size}", end=", ")
+    print(f"autocast {report['autocast']}, channels_last {report['channels_last']}")
+    print(f"{'model':<10} {'variant':<40} {'ms/step':>9} {'images/s':>9} {'MiB':>8}")
     for model_name, r in results.items():
         for variant, label in VARIANTS.items():
             v = r[variant]
-            print(f"{model_name:<10} {variant + ' ' + label:<40} {v['seconds'] * 1e3:9.1f} {v['memory_mib']:8.0f}")
+            figures = f"{v['seconds'] * 1e3:9.1f} {v['images_per_s']:9.0f} {v['memory_mib']:8.0f}"
+            print(f"{model_name:<10} {variant + ' ' + label:<40} {figures}")
         print("  " + ", ".join(f"{k} {v:.2f}" for k, v in ratios[model_name].items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
