@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scaffold.matrix import all_rows, answer_sets, answers, covered_pairs, label
+from scaffold.matrix import WITHOUT_BATCHNORM, all_rows, answer_sets, answers, covered_pairs, label
 from scaffold.render import render
 from tests.conftest import ROOT
 
@@ -66,6 +66,15 @@ def test_matrix_covers_every_valid_pair():
 def renders(tmp_path_factory) -> dict[str, tuple[dict, Path]]:
     root = tmp_path_factory.mktemp("matrix")
     return {label(row): (row, render(root / label(row), answers(row), src=ROOT)) for row in SETS}
+
+
+def test_the_matrix_asks_bn_policy_exactly_where_copier_does(renders):
+    """WITHOUT_BATCHNORM restates copier.yml's has_bn; Copier records bn_policy only where it asked it."""
+    assert {row["backbone"] for row in SETS} >= WITHOUT_BATCHNORM
+    for row, project in renders.values():
+        recorded = yaml.safe_load((project / ".copier-answers.yml").read_text())
+        assert ("bn_policy" in recorded) == (row["backbone"] not in WITHOUT_BATCHNORM), label(row)
+        assert recorded.get("bn_policy", row["bn_policy"]) == row["bn_policy"], label(row)
 
 
 @pytest.mark.parametrize("row", SETS, ids=label)
