@@ -72,7 +72,7 @@ def test_every_backbone_trains_an_epoch_with_each_freeze_kind(tmp_path, init_fil
                 assert torch.equal(best[f"{layer}.{stat}"], init[f"{layer}.{stat}"]), f"{layer}.{stat} moved"
     if freeze_by == "backbone" and backbone not in ("timm", "custom"):
         # copier.yml's head_width, which sets the probe's lr, is the real head's width.
-        width = model_module.build_model(config).get_submodule(model_module.HEAD).in_features
+        width = init[f"{model_module.HEAD}.weight"].shape[1]  # a Linear's weight is (out, in)
         assert config["train"]["lr"] == float(f"{0.01 * min(1, 512 / width):.2g}"), (width, config["train"]["lr"])
     head = [key for key in init if key.startswith(model_module.HEAD + ".")]
     assert head and any(not torch.equal(best[key], init[key]) for key in head), "the head did not train"
