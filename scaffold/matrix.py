@@ -1,7 +1,10 @@
 """The answer matrix: a covering set of answer combinations, and running it.
 
 Every pair of values of (backbone, freeze_by, bn_policy, checkpoint_formats,
-unfreeze on/off) that can occur together occurs in at least one answer set.
+unfreeze on/off, features) that can occur together occurs in at least one
+answer set. `features` takes four values: none (the teaching profile's
+default), all (the research default) and two complementary halves, so every
+feature is both on and off beside every value of the other answers.
 The full product is small enough to enumerate, so the greedy choice below
 is exact about which pairs exist; `covered_pairs` lets a test check it.
 """
@@ -20,6 +23,19 @@ from typing import Any
 
 from .render import render
 
+# copier.yml's `features` choices, in its order: the research profile's default.
+ALL_FEATURES = (
+    "distributed",
+    "feature_cache",
+    "compile",
+    "grad_checkpointing",
+    "lr_shaping",
+    "amp",
+    "export",
+    "plot",
+    "tensorboard",
+)
+
 DIMENSIONS: dict[str, list[Any]] = {
     "backbone": [
         "small_cnn",
@@ -37,6 +53,12 @@ DIMENSIONS: dict[str, list[Any]] = {
     "bn_policy": ["train", "eval_frozen", "eval_all", "replace_frozen"],
     "checkpoint_formats": [("state_dict",), ("safetensors",), ("full",), ("state_dict", "safetensors", "full")],
     "unfreeze_at_epoch": [0, 1],
+    "features": [
+        (),
+        ("distributed", "compile", "lr_shaping", "plot"),
+        ("feature_cache", "grad_checkpointing", "amp", "export", "tensorboard"),
+        ALL_FEATURES,
+    ],
 }
 
 
@@ -85,17 +107,27 @@ def covered_pairs(sets: list[dict[str, Any]]) -> set[tuple]:
 
 
 def answers(row: dict[str, Any]) -> dict[str, Any]:
-    """Copier data for one matrix row."""
-    data = {**row, "checkpoint_formats": list(row["checkpoint_formats"])}
+    """Copier data for one matrix row.
+
+    No features is asked as the teaching profile and all of them as the
+    default answers, so both profiles' defaults are rendered too.
+    """
+    data = {**row, "checkpoint_formats": list(row["checkpoint_formats"]), "features": list(row["features"])}
     if row["freeze_by"] == "none":
         del data["unfreeze_at_epoch"]
+    if not row["features"]:
+        data["profile"] = "teaching"
+        del data["features"]
+    elif row["features"] == ALL_FEATURES:
+        del data["features"]
     return data
 
 
 def label(row: dict[str, Any]) -> str:
     formats = "+".join(row["checkpoint_formats"])
     unfreeze = f"-unfreeze{row['unfreeze_at_epoch']}" if row["unfreeze_at_epoch"] else ""
-    return f"{row['backbone']}-{row['freeze_by']}-{row['bn_policy']}-{formats}{unfreeze}"
+    features = {(): "core", ALL_FEATURES: "all"}.get(row["features"]) or row["features"][0] + "-half"
+    return f"{row['backbone']}-{row['freeze_by']}-{row['bn_policy']}-{formats}{unfreeze}-{features}"
 
 
 @dataclass
@@ -110,7 +142,8 @@ def run_tests(project: Path, extra_args: list[str] | None = None) -> subprocess.
     """The generated project's own pytest suite, in a fresh interpreter."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(extra_args or [])],
+        # -m "": the slow tests too, which a project's default run leaves out.
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "", *(extra_args or [])],
         cwd=project,
         env=env,
         capture_output=True,

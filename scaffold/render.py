@@ -19,6 +19,7 @@ YAML_ANSWERS = {
     "freeze_indices",
     "freeze_patterns",
     "checkpoint_formats",
+    "features",
     "num_classes",
     "unfreeze_at_epoch",
 }

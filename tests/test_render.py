@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -19,9 +20,30 @@ SETS = answer_sets()
 pytestmark = pytest.mark.xdist_group("renders")
 
 
+# The module and the test files each feature adds, and nothing else does.
+FEATURE_FILES = {
+    "distributed": ({"distributed"}, {"test_ddp"}),
+    "feature_cache": ({"feature_cache"}, {"test_feature_cache"}),
+    "compile": (set(), set()),
+    "grad_checkpointing": ({"grad_checkpointing"}, {"test_grad_checkpointing"}),
+    "lr_shaping": (set(), {"test_lr_shaping"}),
+    "amp": (set(), {"test_amp"}),
+    "export": ({"export"}, {"test_export"}),
+    "plot": ({"plot"}, {"test_plot"}),
+    "tensorboard": (set(), {"test_tensorboard"}),
+}
+
+
 def expected_files(row: dict, package: str) -> set[str]:
     """The file set, derived from the answers independently of the template."""
     src = f"src/{package}"
+    modules = {"__init__", "__main__", "batchnorm", "checkpoint", "cli", "config", "data", "freeze", "layers"}
+    modules |= {"model", "optim", "rng", "train", "weights"}
+    tests = {"conftest", "test_batchnorm", "test_checkpoint", "test_cuda", "test_fast", "test_feedback"}
+    tests |= {"test_freeze", "test_optim", "test_stages", "test_train", "test_model"}
+    for feature in row["features"]:
+        modules |= FEATURE_FILES[feature][0]
+        tests |= FEATURE_FILES[feature][1]
     files = {
         ".copier-answers.yml",
         ".gitignore",
@@ -29,22 +51,9 @@ def expected_files(row: dict, package: str) -> set[str]:
         ".github/actionlint.yaml",
         "README.md",
         "pyproject.toml",
-        *(
-            f"{src}/{m}.py"
-            for m in (
-                *("__init__", "__main__", "batchnorm", "checkpoint", "cli", "config", "data"),
-                *("distributed", "export", "features", "freeze", "layers", "model", "plot", "train", "weights"),
-            )
-        ),
         f"{src}/config.toml",
-        *(
-            f"tests/{t}.py"
-            for t in (
-                *("conftest", "test_batchnorm", "test_checkpoint", "test_cuda", "test_ddp"),
-                *("test_export", "test_fast", "test_feedback", "test_freeze", "test_optim", "test_stages"),
-                *("test_train", "test_model"),
-            )
-        ),
+        *(f"{src}/{m}.py" for m in modules),
+        *(f"tests/{t}.py" for t in tests),
     }
     if row["backbone"] == "custom":
         # The shipped example: a character model and its sequence data.
@@ -124,6 +133,46 @@ def test_options_not_chosen_leave_no_code(renders):
         torchvision = row["backbone"] not in ("small_cnn", "timm", "custom")
         assert ('"torchvision>=' in deps) == torchvision, "torchvision only for torchvision backbones"
         assert ('"timm>=' in deps) == (row["backbone"] == "timm"), "timm only for timm"
+
+
+# What each feature leaves in a render that has it, and never in one without:
+# (file, text) pairs, one or two per place a capability could leak into.
+FEATURE_TRACES = {
+    "distributed": [("src/finetune_demo/train.py", "world"), ("src/finetune_demo/config.toml", "sync_bn")],
+    "feature_cache": [("src/finetune_demo/train.py", "cache"), ("src/finetune_demo/config.toml", "cache_features")],
+    "compile": [("src/finetune_demo/train.py", "torch.compile"), ("src/finetune_demo/config.toml", "compile")],
+    "grad_checkpointing": [("src/finetune_demo/config.toml", "grad_checkpointing"), ("README.md", "checkpointing")],
+    "lr_shaping": [("src/finetune_demo/config.toml", "layer_decay"), ("src/finetune_demo/optim.py", "layer_decay")],
+    "amp": [("src/finetune_demo/train.py", "autocast"), ("src/finetune_demo/config.toml", "amp_dtype")],
+    "export": [("src/finetune_demo/cli.py", "export"), ("pyproject.toml", "onnx")],
+    "plot": [("src/finetune_demo/cli.py", "plot"), ("pyproject.toml", "matplotlib")],
+    "tensorboard": [("src/finetune_demo/train.py", "tensorboard"), ("pyproject.toml", "tensorboard")],
+}
+
+
+def test_a_feature_not_chosen_leaves_nothing_behind(renders):
+    for row, project in renders.values():
+        for feature, traces in FEATURE_TRACES.items():
+            for name, text in traces:
+                found = text in (project / name).read_text().lower()
+                assert found == (feature in row["features"]), f"{label(row)}: {text!r} in {name}"
+
+
+def test_no_function_is_longer_than_a_screen(renders):
+    """60 lines at most, docstring included: every step of a render reads on its own."""
+    for row, project in renders.values():
+        for path in (project / "src").rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    length = node.end_lineno - node.lineno + 1
+                    assert length <= 60, f"{label(row)}: {path.name}:{node.name} has {length} lines"
+
+
+def test_the_profiles_defaults_are_what_copier_records(renders):
+    for row, project in renders.values():
+        recorded = yaml.safe_load((project / ".copier-answers.yml").read_text())
+        assert recorded["features"] == list(row["features"]), label(row)
+        assert recorded["profile"] == ("teaching" if not row["features"] else "research"), label(row)
 
 
 def actionlint(workflows: list[Path]) -> list[dict]:
