@@ -56,7 +56,7 @@ def load_project(project: Path) -> dict:
     """The rendered project's modules, imported from its src/ folder."""
     sys.path.insert(0, str(project / "src"))
     package = next(p.name for p in (project / "src").iterdir() if (p / "train.py").is_file())
-    return {m: importlib.import_module(f"{package}.{m}") for m in ("train", "config", "data", "model")}
+    return {m: importlib.import_module(f"{package}.{m}") for m in ("train", "optim", "config", "data", "model")}
 
 
 def measure(project: Path, model_name: str, variant: str, size: int, batch: int, steps: int) -> dict:
@@ -84,7 +84,7 @@ def measure(project: Path, model_name: str, variant: str, size: int, batch: int,
     labels = torch.randint(0, config["model"]["num_classes"], (batch,), device=dev)
 
     if variant == "a":
-        optimizer = train.make_optimizer(model, config)
+        optimizer = modules["optim"].make_optimizer(model, config)
 
         def step() -> None:
             train.train_one_epoch(model, [(images, labels)], optimizer, scaler, dev, amp, channels_last=channels_last)

@@ -141,7 +141,7 @@ def run_depth(project: Path, args, depth: int) -> dict:
     train = modules["train"]
     torch.manual_seed(0)
     model, _ = train.prepare_model(config)
-    optimizer = train.make_optimizer(model, config)
+    optimizer = modules["optim"].make_optimizer(model, config)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     images = torch.randn(args.batch, 3, args.size, args.size)
     labels = torch.randint(0, config["model"]["num_classes"], (args.batch,))

@@ -9,6 +9,12 @@ from scaffold.render import render
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = {
+    # The teaching profile: the core alone, every checkpoint format.
+    "teaching-small-cnn": {
+        "project_name": "teaching-small-cnn",
+        "profile": "teaching",
+        "checkpoint_formats": ["state_dict", "safetensors", "full"],
+    },
     "linear-probe-small-cnn": {"project_name": "linear-probe-small-cnn"},
     "staged-small-cnn": {
         "project_name": "staged-small-cnn",

@@ -8,6 +8,8 @@ one epoch on a tiny synthetic set at the smallest input the model takes.
 from __future__ import annotations
 
 import json
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,38 @@ def test_timm_defaults_resolve_on_every_family(tmp_path, timm_model):
 
 def test_the_readme_backbone_table_matches_the_generated_code():
     assert readme_table((ROOT / "README.md").read_text()) == table(), "run `python -m tests.backbone_table`"
+
+
+def shown_selectors(project: Path) -> dict[str, list]:
+    """Every example selector a render's config.toml, README and --help show, by where it stands."""
+    package = next(p for p in (project / "src").iterdir() if (p / "config.toml").is_file())
+    texts = (package / "config.toml").read_text() + (project / "README.md").read_text() + (package / "cli.py").read_text()
+    found: dict[str, list] = {"spec": [], "select": [], "bn_modes": [], "lr_mult": []}
+    for spec in re.findall(r"""--spec ["']([^"']+)["']""", texts):
+        found["spec"] += [s.strip() for s in spec.split(",")]
+    found["select"] = re.findall(r'^#?\s*select = "([^"]+)"', texts, flags=re.M)
+    for key in ("bn_modes", "lr_mult"):
+        for table in re.findall(key + r" = (\{[^}\n]+\})", texts):
+            found[key].append(tomllib.loads(f"t = {table}")["t"])
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_every_selector_a_render_shows_resolves_on_its_model(tmp_path, backbone):
+    """An example copied from a comment or the README must work: it names modules of this model."""
+    package = f"ex_{backbone}"
+    answers = {"project_name": package, "backbone": backbone, **EXTRA_ANSWERS.get(backbone, {})}
+    project = render(tmp_path / package, answers, src=ROOT)
+    config = tiny_config(project, package)
+    train, freeze = import_rendered(project, package, "train"), import_rendered(project, package, "freeze")
+    model = import_rendered(project, package, "model").build_model(config)
+    shown = shown_selectors(project)
+    assert shown["spec"] and shown["select"] and shown["lr_mult"], shown
+    for selector in shown["spec"] + shown["select"]:
+        freeze.resolve(model, [selector], f"example {selector!r}")
+    for key, section in (("bn_modes", "freeze"), ("lr_mult", "train")):
+        for table in shown[key]:
+            config[section][key] = table
+            train.prepare_model(config)
+        config[section][key] = {}

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.xdist_group("renders")
 # The module and the test files each feature adds, and nothing else does.
 FEATURE_FILES = {
     "distributed": ({"distributed"}, {"test_ddp"}),
-    "feature_cache": ({"feature_cache"}, {"test_feature_cache"}),
+    "feature_cache": ({"features"}, {"test_feature_cache"}),
     "compile": (set(), set()),
     "grad_checkpointing": ({"grad_checkpointing"}, {"test_grad_checkpointing"}),
     "lr_shaping": (set(), {"test_lr_shaping"}),

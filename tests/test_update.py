@@ -9,7 +9,7 @@ from pathlib import Path
 import copier
 import pytest
 
-from scaffold.matrix import run_tests
+from scaffold.matrix import ALL_FEATURES, run_tests
 from tests.conftest import ROOT
 
 
@@ -19,10 +19,16 @@ def git(cwd: Path, *args: str) -> str:
     ).stdout
 
 
-@pytest.fixture
-def template_repo(tmp_path: Path) -> Path:
-    """This checkout's files (committed or not) as a tagged git repo, as users consume it."""
-    repo = tmp_path / "template"
+# The last main before `profile` and `features` existed: projects rendered
+# from it must update to today's template and keep every capability.
+BEFORE_FEATURES = "3d43693"
+
+
+def copy_checkout(repo: Path) -> None:
+    """This checkout's files, committed or not, into `repo` (replacing what is there)."""
+    for old in repo.iterdir():
+        if old.name != ".git":
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     files = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT,
@@ -33,11 +39,59 @@ def template_repo(tmp_path: Path) -> Path:
         if name and (ROOT / name).is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, repo / name)
-    git(repo, "init", "-q")
+
+
+def commit_and_tag(repo: Path, tag: str) -> None:
     git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "template")
-    git(repo, "tag", "v1.0.0")
+    git(repo, "commit", "-qm", tag)
+    git(repo, "tag", tag)
+
+
+@pytest.fixture
+def template_repo(tmp_path: Path) -> Path:
+    """This checkout's files (committed or not) as a tagged git repo, as users consume it."""
+    repo = tmp_path / "template"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    copy_checkout(repo)
+    commit_and_tag(repo, "v1.0.0")
     return repo
+
+
+def files_of(project: Path) -> set[str]:
+    return {str(p.relative_to(project)) for p in project.rglob("*") if p.is_file() and ".git" not in p.parts}
+
+
+@pytest.mark.slow
+def test_a_project_from_before_features_updates_and_keeps_every_file(tmp_path):
+    """copier update from the last main without `features`: no new answers, nothing lost."""
+    repo = tmp_path / "template"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    archive = subprocess.run(["git", "archive", BEFORE_FEATURES], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(repo)], input=archive, check=True)
+    commit_and_tag(repo, "v1.0.0")
+    project = tmp_path / "project"
+    data = {"backbone": "resnet18", "checkpoint_formats": ["state_dict", "safetensors", "full"]}
+    copier.run_copy(str(repo), project, data=data, defaults=True, quiet=True)
+    git(project, "init", "-q")
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "rendered")
+    before = files_of(project)
+    assert "features" not in (project / ".copier-answers.yml").read_text()
+
+    copy_checkout(repo)
+    commit_and_tag(repo, "v2.0.0")
+    copier.run_update(project, defaults=True, overwrite=True, quiet=True)
+    answers = (project / ".copier-answers.yml").read_text()
+    assert "_commit: v2.0.0" in answers and "profile: research" in answers
+    after = files_of(project)
+    assert before <= after, f"lost on update: {sorted(before - after)}"
+    for feature in ALL_FEATURES:
+        assert f"- {feature}" in answers, feature
+    assert not list(project.rglob("*.rej")), "the update left conflicts"
+    proc = run_tests(project, ["-x", "-m", "not slow"])
+    assert proc.returncode == 0, proc.stdout[-4000:]
 
 
 @pytest.mark.slow

@@ -96,6 +96,30 @@ def frozen_names(model: torch.nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if not p.requires_grad]
 
 
+def linear_probe(config: dict, key: str) -> dict:
+    """Only the head trains; `key` is the config's freeze list."""
+    config["freeze"][key] = ["!head"]
+    config["unfreeze"]["stages"] = []
+    return config
+
+
+def fitted(config: dict, tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch, **options):
+    """fit(), and the model it trained."""
+    from custom_char_model import train
+
+    models = []
+    real = train.prepare_model
+
+    def keep(*args, **kwargs):
+        model, state = real(*args, **kwargs)
+        models.append(model)
+        return model, state
+
+    monkeypatch.setattr(train, "prepare_model", keep)
+    history = train.fit(config, tmp_path / name, device="cpu", **options)
+    return models[0], history
+
+
 @pytest.fixture
 def config_file(tmp_path: Path, config: dict) -> Path:
     path = tmp_path / "config.toml"

@@ -8,7 +8,7 @@ from torch import nn
 
 from custom_char_model.batchnorm import (
     mode_of,
-    plain_batchnorm,
+    plain_layer,
     set_mode,
 )
 from custom_char_model.freeze import FreezeSpecError
@@ -63,5 +63,6 @@ def test_every_batchnorm_class_is_covered(mode):
         layer = getattr(model, name)
         assert mode_of(layer) in (mode, "eval"), name  # requires_grad is the freeze engine's part
         assert torch.allclose(layer(x), expected[name], atol=1e-6), name
-    plain_batchnorm(model)
+    for name in inputs:
+        plain_layer(model, name)
     assert [type(m) for m in model.children()] == [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm]

@@ -12,6 +12,9 @@ from conftest import shrink, to_toml, torchrun
 
 from custom_char_model.checkpoint import RunFiles
 
+# Every test here starts torchrun: seconds of process-group setup each.
+pytestmark = pytest.mark.slow
+
 PROCESSES = 2
 
 # Runs fit() in each process torchrun starts and saves that rank's final

@@ -10,7 +10,8 @@ from custom_char_model.cli import main
 from custom_char_model.data import example_inputs
 from custom_char_model.freeze import FreezeSpecError, freeze, resolve
 from custom_char_model.model import HEAD, build_model
-from custom_char_model.train import freeze_spec, make_optimizer, prepare_model
+from custom_char_model.optim import make_optimizer
+from custom_char_model.train import freeze_spec, prepare_model
 
 
 @pytest.fixture

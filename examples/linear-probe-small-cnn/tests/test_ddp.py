@@ -15,6 +15,9 @@ from conftest import shrink, to_toml, torchrun
 from linear_probe_small_cnn.checkpoint import RunFiles
 from linear_probe_small_cnn.train import prepare_model
 
+# Every test here starts torchrun: seconds of process-group setup each.
+pytestmark = pytest.mark.slow
+
 PROCESSES = 2
 
 # Runs fit() in each process torchrun starts and saves that rank's final

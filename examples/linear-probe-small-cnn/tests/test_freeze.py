@@ -10,7 +10,8 @@ from linear_probe_small_cnn.cli import main
 from linear_probe_small_cnn.data import example_inputs
 from linear_probe_small_cnn.freeze import FreezeSpecError, freeze, resolve
 from linear_probe_small_cnn.model import HEAD, build_model
-from linear_probe_small_cnn.train import freeze_spec, make_optimizer, prepare_model
+from linear_probe_small_cnn.optim import make_optimizer
+from linear_probe_small_cnn.train import freeze_spec, prepare_model
 
 
 @pytest.fixture

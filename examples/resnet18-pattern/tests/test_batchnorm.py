@@ -14,12 +14,14 @@ from resnet18_pattern.batchnorm import (
     fold_batchnorm,
     mode_of,
     plain_batchnorm,
+    plain_layer,
     set_mode,
 )
 from resnet18_pattern.data import DEFAULT_DATA, example_inputs, make_datasets
 from resnet18_pattern.freeze import FreezeSpecError
 from resnet18_pattern.model import build_model
-from resnet18_pattern.train import make_optimizer, prepare_model, train_one_epoch
+from resnet18_pattern.optim import make_optimizer
+from resnet18_pattern.train import prepare_model, train_one_epoch
 
 STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -155,7 +157,8 @@ def test_every_batchnorm_class_is_covered(mode):
         layer = getattr(model, name)
         assert mode_of(layer) in (mode, "eval"), name  # requires_grad is the freeze engine's part
         assert torch.allclose(layer(x), expected[name], atol=1e-6), name
-    plain_batchnorm(model)
+    for name in inputs:
+        plain_layer(model, name)
     assert [type(m) for m in model.children()] == [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm]
 
 

@@ -10,7 +10,8 @@ from resnet18_pattern.cli import main
 from resnet18_pattern.data import example_inputs
 from resnet18_pattern.freeze import FreezeSpecError, freeze, resolve
 from resnet18_pattern.model import HEAD, build_model
-from resnet18_pattern.train import freeze_spec, make_optimizer, prepare_model
+from resnet18_pattern.optim import make_optimizer
+from resnet18_pattern.train import freeze_spec, prepare_model
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ from conftest import child_env, shrink, small_config
 
 from staged_small_cnn.checkpoint import CheckpointError, RunFiles, torch_load
 from staged_small_cnn.cli import main
-from staged_small_cnn.train import fit, rng_state, set_rng_state
+from staged_small_cnn.rng import rng_state, set_rng_state
+from staged_small_cnn.train import fit
 
 EPOCHS = 2 + 1
 
@@ -140,6 +141,7 @@ KILLER = textwrap.dedent(
 
 # Each step of the first save (at "rename" no last.ckpt exists yet), and the
 # last save, after which a resume has no epoch left to run.
+@pytest.mark.slow
 @pytest.mark.parametrize(("point", "when"), [("record", 1), ("rename", 1), ("finish", 1), ("record", EPOCHS)])
 def test_sigkill_mid_save_leaves_a_resumable_run(tmp_path, config, config_file, straight, point, when):
     out = tmp_path / "run"

@@ -15,10 +15,11 @@ from collections.abc import Iterator, Sized
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .batchnorm import batchnorm_layers, mode_of
 from .config import ConfigError
+from .distributed import World
 from .model import HEAD
 
 # Layers that drop at random in train mode, by class name: torchvision's
@@ -101,3 +102,34 @@ class CachedBatches:
         indices = torch.tensor(list(self.order), dtype=torch.long, device=self.features.device)
         for batch in indices.split(self.batch_size):
             yield self.features[batch], self.labels[batch]
+
+
+def cache_risks(data: str, config: dict, world: World) -> list[str]:
+    """What, besides the model, makes cached features differ from a fresh forward pass."""
+    risks = []
+    if world.distributed:
+        risks.append("under torchrun each process sees other samples every epoch")
+    return risks
+
+
+def build_cache(
+    model: nn.Module,
+    train_set: Dataset,
+    val_set: Dataset,
+    order: DistributedSampler,
+    batch_size: int,
+    device: torch.device,
+    amp: torch.dtype | None = None,
+) -> tuple[CachedBatches, CachedBatches]:
+    """Head inputs of the whole train and val sets, batched as the loaders would batch them.
+
+    `order` is the training sampler: each epoch's shuffle is the loader's.
+    Train features under the training step's autocast, val features without
+    it, as evaluate() runs the model.
+    """
+    train_features, train_labels = head_inputs(model, train_set, batch_size, device, amp)
+    val_features, val_labels = head_inputs(model, val_set, batch_size, device, None)
+    return (
+        CachedBatches(train_features, train_labels, order, batch_size),
+        CachedBatches(val_features, val_labels, range(len(val_set)), batch_size),
+    )

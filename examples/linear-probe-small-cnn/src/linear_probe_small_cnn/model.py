@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from torch import Tensor, nn
 
 HEAD = "head"
-# The model's blocks are its top-level children (train.layer_decay and
-# train.grad_checkpointing count them); name containers here to count theirs.
+# The model's blocks are its top-level children (train.layer_decay and train.grad_checkpointing
+# count them); name containers here to count theirs.
 BLOCK_CONTAINERS: tuple[str, ...] = ()
 # ImageNet statistics: images are normalised with them (and resized to
 # image_size via a 256/224 larger resize, then a centre crop).
@@ -48,3 +50,19 @@ def build_model(config: dict) -> nn.Module:
 
 def preprocessing() -> dict:
     return IMAGE_PREPROCESSING
+
+
+def blocks_with_parameters(model: nn.Module) -> list[str]:
+    """The blocks that hold parameters, in depth order; the last holds the head.
+
+    Top-level children, with each container of model.BLOCK_CONTAINERS
+    replaced by its children (a ViT's encoder layers, a CNN's stages).
+    """
+
+    def expand(prefix: str, module: nn.Module) -> Iterator[str]:
+        for name, child in module.named_children():
+            if any(True for _ in child.parameters()):
+                full = prefix + name
+                yield from expand(full + ".", child) if full in BLOCK_CONTAINERS else [full]
+
+    return list(expand("", model))

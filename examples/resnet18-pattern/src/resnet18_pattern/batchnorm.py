@@ -56,7 +56,7 @@ class FrozenBatchNorm(nn.Module):
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
         super().__init__()
-        self.source_type = _plain_class(type(bn))  # what plain_batchnorm turns it back into
+        self.source_type = _plain_class(type(bn))  # what plain_layer turns it back into
         self.num_features, self.eps, self.momentum = bn.num_features, bn.eps, bn.momentum
         self.weight, self.bias = bn.weight, bn.bias
         self.register_buffer("running_mean", bn.running_mean)

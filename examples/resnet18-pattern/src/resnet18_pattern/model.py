@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from torch import nn
 from torchvision.models import get_model, get_model_weights
 
@@ -42,3 +44,19 @@ def preprocessing() -> dict:
         "interpolation": transform.interpolation.value,
         "crop_fraction": transform.crop_size[0] / transform.resize_size[0],
     }
+
+
+def blocks_with_parameters(model: nn.Module) -> list[str]:
+    """The blocks that hold parameters, in depth order; the last holds the head.
+
+    Top-level children, with each container of model.BLOCK_CONTAINERS
+    replaced by its children (a ViT's encoder layers, a CNN's stages).
+    """
+
+    def expand(prefix: str, module: nn.Module) -> Iterator[str]:
+        for name, child in module.named_children():
+            if any(True for _ in child.parameters()):
+                full = prefix + name
+                yield from expand(full + ".", child) if full in BLOCK_CONTAINERS else [full]
+
+    return list(expand("", model))

@@ -1,0 +1,54 @@
+"""Mixed precision and channels_last: the defaults per device, and frozen tensors that stay frozen under both."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import fitted, shrink
+
+from custom_char_model.config import ConfigError
+from custom_char_model.data import example_inputs
+from custom_char_model.optim import make_optimizer, optimizer_step
+from custom_char_model.train import amp_dtype, prepare_model, use_channels_last
+
+
+def test_bf16_autocast_on_the_cpu_trains_and_keeps_frozen_tensors(tmp_path, config, monkeypatch):
+    config["train"]["cpu_amp"] = True
+    assert amp_dtype(config["train"], torch.device("cpu")) is torch.bfloat16
+    torch.manual_seed(config["train"]["seed"])  # the initial weights fit() will build
+    model, _ = prepare_model(config)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    shrink(config, 64, 32)
+    trained, history = fitted(config, tmp_path, "run", monkeypatch, epochs=1)
+    assert torch.isfinite(torch.tensor(history[0]["train_loss"]))
+    after = dict(trained.named_parameters())
+    assert all(torch.equal(value, after[n].detach()) for n, value in frozen.items())
+
+
+def test_precision_and_layout_defaults_per_device(config):
+    train_cfg = config["train"]
+    assert amp_dtype(train_cfg, torch.device("cpu")) is None, "the CPU runs fp32 unless cpu_amp is set"
+    assert amp_dtype({**train_cfg, "amp_dtype": "float16"}, torch.device("cuda")) is torch.float16
+    assert amp_dtype({**train_cfg, "amp": False}, torch.device("cuda")) is None
+    with pytest.raises(ConfigError, match="amp_dtype"):
+        amp_dtype({**train_cfg, "amp_dtype": "fp8"}, torch.device("cpu"))
+    model, _ = prepare_model(config)
+    assert use_channels_last("auto", model, torch.device("cuda")) is False
+    assert use_channels_last("auto", model, torch.device("cpu")) is False
+
+
+def test_the_scaler_is_skipped_when_no_parameter_got_a_gradient(config):
+    model, _ = prepare_model(config)
+    optimizer = make_optimizer(model, config)
+    # A backward that reaches none of the optimizer's parameters, through an
+    # enabled scaler as on CUDA with AMP: GradScaler.step raises on it.
+    elsewhere = torch.ones((), requires_grad=True)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    scaler.scale(elsewhere * 2).backward()
+    with pytest.raises(AssertionError, match="No inf checks"):
+        scaler.step(optimizer)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    scaler.scale(elsewhere * 2).backward()
+    assert optimizer_step(optimizer, scaler) is False
+    scaler.scale(model(example_inputs(config, 2)).sum()).backward()
+    assert optimizer_step(optimizer, scaler) is True

@@ -1,0 +1,53 @@
+"""`plot DIR`: curves.png from a run's metrics.csv, and errors that say what is missing."""
+
+from __future__ import annotations
+
+import csv
+import sys
+
+import pytest
+from conftest import small_config
+
+from custom_char_model.cli import main
+from custom_char_model.plot import PlotError, plot_run, unfreeze_epochs
+from custom_char_model.train import fit
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished 2-epoch run folder and its history."""
+    config = small_config()
+    out = tmp_path_factory.mktemp("run")
+    return out, fit(config, out, epochs=2, device="cpu")
+
+
+def test_plot_writes_curves_png_from_the_run(run, capsys):
+    out, history = run
+    assert main(["plot", str(out)]) == 0
+    assert f"wrote {out / 'curves.png'}" in capsys.readouterr().out
+    image = (out / "curves.png").read_bytes()
+    assert image.startswith(PNG_MAGIC)
+    # Width and height from the PNG header: the 10 x 4 inch figure at 120 dpi.
+    assert (int.from_bytes(image[16:20], "big"), int.from_bytes(image[20:24], "big")) == (1200, 480)
+    with open(out / "metrics.csv") as f:
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    assert unfreeze_epochs(rows) == []
+
+
+def test_unfreeze_epochs_are_where_more_parameters_train():
+    rows = [{"epoch": e, "trainable_params": n} for e, n in enumerate([10, 10, 50, 50, 90])]
+    assert unfreeze_epochs(rows) == [2, 4]
+
+
+def test_plot_errors_say_what_is_missing(tmp_path, monkeypatch, capsys):
+    with pytest.raises(PlotError, match="metrics.csv does not exist"):
+        plot_run(tmp_path)
+    (tmp_path / "metrics.csv").write_text("epoch,train_loss,val_loss,val_acc\n")
+    with pytest.raises(PlotError, match="no finished epoch"):
+        plot_run(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "pip install -e '.[plot]'" in capsys.readouterr().err
+    assert not (tmp_path / "curves.png").exists()

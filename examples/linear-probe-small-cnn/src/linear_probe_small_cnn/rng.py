@@ -1,0 +1,63 @@
+"""Every random number generator a training step draws from: seeding, and saving them for an exact resume."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from .distributed import World
+
+try:
+    import numpy as np
+except ImportError:  # torch runs without numpy; then there is no numpy RNG to seed or keep
+    np = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if np is not None:
+        np.random.seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step can draw from, as data weights_only=True loads."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": None,
+    }
+    if np is not None:
+        # The Generator-style dict of numpy's global RNG, its key as a tensor:
+        # a numpy array would need unsafe globals to unpickle.
+        numpy_state = np.random.get_state(legacy=False)
+        numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+        state["numpy"] = numpy_state
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["numpy"] is not None and np is not None:
+        numpy_state = dict(state["numpy"])
+        numpy_state["state"] = {**numpy_state["state"], "key": numpy_state["state"]["key"].numpy().astype(np.uint32)}
+        np.random.set_state(numpy_state)
+
+
+def restore_rng(states: list[dict[str, Any]], world: World, fallback_seed: int) -> None:
+    """Put back this rank's RNG state; a different number of ranks cannot be matched."""
+    if len(states) == world.size:
+        set_rng_state(states[world.rank])
+        return
+    if world.main:
+        print(
+            f"the checkpoint holds RNG state for {len(states)} processes and this run has {world.size}: "
+            "reseeding, so random draws (not the data order) differ from an uninterrupted run"
+        )
+    seed_everything(fallback_seed + world.rank)

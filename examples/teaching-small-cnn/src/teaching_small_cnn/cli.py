@@ -1,0 +1,149 @@
+"""Command line: `teaching_small_cnn layers | inspect-weights | train | evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .checkpoint import CheckpointError, read_state_dict
+from .config import ConfigError, load_config
+from .data import DEFAULT_DATA, DataError, make_datasets
+from .freeze import FreezeSpecError
+from .layers import format_layer_table, layer_table, parse_spec, spec_report
+from .model import build_model
+from .train import evaluate, fit, prepare_model
+from .weights import inspect_weights
+
+# Errors that mean "your input is wrong": printed as one line, exit status 2.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    FreezeSpecError,
+)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="teaching_small_cnn", description=__doc__)
+    parser.add_argument("--config", help="TOML file overriding the packaged config.toml")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    layers = commands.add_parser("layers", help="list children, modules and parameters with their freeze state")
+    layers.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    layers.add_argument(
+        "--spec",
+        action="append",
+        metavar="SELECTORS",
+        help="dry run: what these selectors match (comma-separated; repeatable), e.g. --spec 'block1, !head'",
+    )
+
+    inspect = commands.add_parser("inspect-weights", help="plan loading a weights file as --init would, load nothing")
+    inspect.add_argument("file", help=".pt, .pth, .bin, .ckpt or .safetensors")
+
+    train = commands.add_parser("train", help="fine-tune and write a run folder")
+    train.add_argument("--out", help="run folder to write (default with --resume: the resumed run's folder)")
+    train.add_argument("--epochs", type=int, help="total epochs (default: train.epochs in the config)")
+    train.add_argument("--data", default=DEFAULT_DATA, help="'synthetic' or an image folder with train/ and val/")
+    train.add_argument("--init", help="weights to start from (.pt, .pth, .bin, .ckpt, .safetensors)")
+    train.add_argument(
+        "--resume", help="a run folder (its newest checkpoint that matches checkpoints.json) or one full checkpoint"
+    )
+    train.add_argument("--stop-after", type=int, help="stop this invocation after N epochs")
+    train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    train.add_argument(
+        "--freeze-from", help="freeze_manifest.json of another run: its freeze state replaces the config's spec"
+    )
+
+    ev = commands.add_parser("evaluate", help="loss and accuracy of saved weights")
+    ev.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt")
+    ev.add_argument("--data", default=DEFAULT_DATA)
+    ev.add_argument("--device")
+    return parser
+
+
+def cmd_layers(args: argparse.Namespace, config: dict) -> int:
+    if args.spec:
+        # A dry run on the plain model: only what the selectors match, nothing applied.
+        print(spec_report(build_model(config), parse_spec(args.spec)))
+        return 0
+    try:
+        model, _ = prepare_model(config)
+        problem = None
+    except USER_ERRORS as err:
+        # Show the table anyway: it is what the user needs to fix the spec.
+        model, problem = build_model(config), err
+    table = layer_table(model)
+    print(json.dumps(table, indent=2) if args.json else format_layer_table(table))
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, config: dict) -> int:
+    fit(
+        config,
+        args.out,
+        data=args.data,
+        epochs=args.epochs,
+        init=args.init,
+        resume=args.resume,
+        stop_after=args.stop_after,
+        device=args.device,
+        freeze_from=args.freeze_from,
+    )
+    return 0
+
+
+def cmd_inspect_weights(args: argparse.Namespace, config: dict) -> int:
+    plan = inspect_weights(build_model(config), args.file, config["init"])
+    print(plan.format())
+    minimum = config["init"]["min_loaded_fraction"]
+    refusal = plan.refusal(minimum)
+    if refusal is not None:
+        print(f"train --init would refuse this file: {refusal}")
+        return 2
+    print(f"train --init would accept this file ({plan.fraction():.0%} >= init.min_loaded_fraction = {minimum})")
+    return 0
+
+
+def trained_model(weights: str, config: dict) -> nn.Module:
+    """The plain model (no freezing, plain BatchNorm) with every tensor from `weights`."""
+    model = build_model(config)
+    try:
+        model.load_state_dict(read_state_dict(weights))
+    except RuntimeError as err:
+        raise CheckpointError(f"{weights} does not fit this model: {err}") from None
+    return model
+
+
+def cmd_evaluate(args: argparse.Namespace, config: dict) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = trained_model(args.weights, config)
+    _, val_set = make_datasets(args.data, config)
+    loader = DataLoader(val_set, batch_size=config["train"]["batch_size"])
+    loss, acc = evaluate(model.to(device), loader, device)
+    print(json.dumps({"weights": args.weights, "val_loss": loss, "val_acc": acc}))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    commands = {
+        "layers": cmd_layers,
+        "inspect-weights": cmd_inspect_weights,
+        "train": cmd_train,
+        "evaluate": cmd_evaluate,
+    }
+    try:
+        config = load_config(args.config)
+        return commands[args.command](args, config)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,190 @@
+"""Datasets: a learnable synthetic set that needs no download, or an image folder."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from .model import preprocessing
+
+# The value of --data that needs no files.
+DEFAULT_DATA = "synthetic"
+
+
+class DataError(ValueError):
+    pass
+
+
+def synthetic_datasets(
+    num_classes: int, image_size: int, train_size: int, val_size: int, seed: int = 0
+) -> tuple[Dataset, Dataset]:
+    """Noisy images around one smooth random prototype per class.
+
+    The prototypes are low-frequency colour patterns, so a CNN separates the
+    classes within an epoch or two while the noise keeps it from being trivial.
+    Train and validation share prototypes and differ in their noise.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    # A 4x4 colour pattern plus an overall colour per class, blown up smoothly.
+    coarse = torch.randn(num_classes, 3, 4, 4, generator=generator)
+    coarse += torch.randn(num_classes, 3, 1, 1, generator=generator)
+    prototypes = torch.nn.functional.interpolate(
+        coarse, size=(image_size, image_size), mode="bilinear", align_corners=False
+    )
+
+    def sample(size: int) -> TensorDataset:
+        labels = torch.arange(size) % num_classes
+        noise = torch.randn(size, 3, image_size, image_size, generator=generator)
+        return TensorDataset(prototypes[labels] + noise, labels)
+
+    return sample(train_size), sample(val_size)
+
+
+def image_transforms(image_size: int, augment: bool):
+    """(train, val) transforms: the model's own preprocessing at `image_size`.
+
+    Validation resizes so that a centre crop of `image_size` keeps the share
+    of the image the weights were trained on (crop_fraction), then normalises
+    with their mean and std. Training (when `augment`) takes random crops of
+    35-100% of the image, resized to `image_size`, and flips half of them.
+    """
+    from torchvision import transforms
+
+    prep = preprocessing()
+    mode = transforms.InterpolationMode(prep["interpolation"])
+    normalize = transforms.Normalize(prep["mean"], prep["std"])
+    # Rounded down, as timm does; the epsilon keeps 224 / (224 / 256) at 256.
+    resize = math.floor(image_size / prep["crop_fraction"] + 1e-6)
+    val = transforms.Compose(
+        [
+            transforms.Resize(resize, interpolation=mode),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
+    if not augment:
+        return val, val
+    train = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size, scale=(0.35, 1.0), interpolation=mode),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
+    return train, val
+
+
+def load_rgb(path: str):
+    """torchvision's loader, with the file's name in the error."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: cannot read the image ({err})") from None
+
+
+def checked_folder(folder: Path, transform, bad_images: str) -> Dataset:
+    """An ImageFolder whose classes all hold images and whose images all open.
+
+    Every file is opened and verified once, up front, so a broken file
+    fails (or, with bad_images = "skip", is left out) before training, not
+    hours into it.
+    """
+    from PIL import Image
+    from torchvision import datasets
+
+    dataset = datasets.ImageFolder(folder, transform=transform, loader=load_rgb, allow_empty=True)
+    skip = bad_images == "skip"
+    advice = '; [data] bad_images = "skip" trains without it'
+    counts = [0] * len(dataset.classes)
+    for _, target in dataset.samples:
+        counts[target] += 1
+    for name, count in zip(dataset.classes, counts, strict=True):
+        if count == 0:
+            problem = f"{folder / name} holds no images (extensions: {', '.join(datasets.folder.IMG_EXTENSIONS)})"
+            if not skip:
+                raise DataError(problem + advice)
+            print(f"warning: {problem}; the class keeps its index but has no examples here", file=sys.stderr)
+    bad: dict[str, str] = {}  # path -> why it does not open
+    for path, _ in dataset.samples:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as err:  # noqa: BLE001 - PIL raises many types for a broken file
+            bad[path] = f"{type(err).__name__}: {err}"
+    if bad:
+        more = " ..." if len(bad) > 5 else ""
+        named = "; ".join(f"{path} ({why})" for path, why in list(bad.items())[:5])
+        problem = f"{len(bad)} unreadable image(s) in {folder}: {named}{more}"
+        if not skip:
+            raise DataError(problem + advice)
+        print(f"warning: skipping {problem}", file=sys.stderr)
+        dataset.samples = [sample for sample in dataset.samples if sample[0] not in bad]
+        dataset.imgs = dataset.samples
+        dataset.targets = [target for _, target in dataset.samples]
+    return dataset
+
+
+def image_folder_datasets(
+    root: str | Path, image_size: int, num_classes: int, augment: bool = True, bad_images: str = "error"
+) -> tuple[Dataset, Dataset]:
+    """`root/train/<class>/*` and `root/val/<class>/*`, in torchvision's ImageFolder layout."""
+    if bad_images not in ("error", "skip"):
+        raise DataError(f'[data] bad_images must be "error" or "skip", got {bad_images!r}')
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        raise DataError("reading an image folder needs torchvision: pip install -e '.[images]'") from None
+    root = Path(root)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataError(
+                f"{root / split} is not a directory; expected "
+                f"{root}/train/<class>/<image> and {root}/val/<class>/<image>"
+            )
+    train_tf, val_tf = image_transforms(image_size, augment)
+    train = checked_folder(root / "train", train_tf, bad_images)
+    val = checked_folder(root / "val", val_tf, bad_images)
+    if train.classes != val.classes:
+        raise DataError(f"{root}: train classes {train.classes} differ from val classes {val.classes}")
+    if len(train.classes) != num_classes:
+        raise DataError(
+            f"{root}/train has {len(train.classes)} classes but the model has "
+            f"num_classes = {num_classes}; change [model] num_classes in the config"
+        )
+    return train, val
+
+
+def make_datasets(data: str, config: dict) -> tuple[Dataset, Dataset]:
+    train_cfg, data_cfg = config["train"], config["data"]
+    if data == DEFAULT_DATA:
+        return synthetic_datasets(
+            config["model"]["num_classes"],
+            train_cfg["image_size"],
+            data_cfg["synthetic_train_size"],
+            data_cfg["synthetic_val_size"],
+            seed=train_cfg["seed"],
+        )
+    if not Path(data).is_dir():
+        raise DataError(f"--data {data}: no such directory (or use --data synthetic)")
+    return image_folder_datasets(
+        data,
+        train_cfg["image_size"],
+        config["model"]["num_classes"],
+        augment=data_cfg["augment"],
+        bad_images=data_cfg["bad_images"],
+    )
+
+
+def example_inputs(config: dict, count: int) -> torch.Tensor:
+    """`count` inputs like --data synthetic's: what the tests feed the model."""
+    train, _ = synthetic_datasets(config["model"]["num_classes"], config["train"]["image_size"], count, 1)
+    return torch.stack([train[i][0] for i in range(count)])

@@ -1,0 +1,474 @@
+"""Training: fit() is set up the run, then one epoch and a save, epoch after epoch.
+
+Read top to bottom: prepare_model (build, load --init, freeze, BatchNorm
+modes), the Run that holds everything one training run needs, start_run,
+then the steps of an epoch: begin_stages (unfreeze), train_one_epoch,
+evaluate, record and save. optim.py holds the param groups and the schedule.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+from tqdm import tqdm
+
+from .checkpoint import RunFiles, atomic_write, config_hash, load_resume, safetensors_bytes, torch_bytes
+from .config import ConfigError
+from .data import DEFAULT_DATA, make_datasets
+from .freeze import (
+    FreezeState,
+    Selector,
+    Stage,
+    apply,
+    check_stages,
+    freeze,
+    manifest,
+    parse_stages,
+    state_from_manifest,
+    unfreeze_stage,
+)
+from .layers import freeze_summary
+from .model import build_model
+from .optim import (
+    add_groups,
+    cosine_schedule,
+    make_optimizer,
+    param_groups,
+    trainable_names,
+)
+from .rng import rng_state, seed_everything, set_rng_state
+from .weights import load_init
+
+# New columns go at the end: scripts that read metrics.csv by position keep working.
+METRIC_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "seconds",
+    "train_acc",
+    "images_per_s",
+    "trainable_params",
+)
+# Metrics best.* can be chosen by; checkpoint.mode says whether more is better.
+MONITORS = ("val_acc", "val_loss", "train_loss")
+
+
+def prepare_model(
+    config: dict,
+    init: str | Path | None = None,
+    freeze_from: str | Path | None = None,
+) -> tuple[nn.Module, FreezeState]:
+    """Build the model, load --init, apply the freeze spec (or a manifest) and the BatchNorm modes.
+
+    Raises before anything is written when the spec, a stage or the init file is wrong.
+    """
+    model = build_model(config)
+    if init is not None:
+        load_init(model, init, config["init"])
+    if freeze_from is not None:
+        state = read_manifest(model, freeze_from)
+        apply(model, state)
+    else:
+        state = freeze(model, freeze_spec(config), config["freeze"]["bn_modes"], "freeze.keep_trainable")
+    check_stages(model, parse_stages(config["unfreeze"]["stages"]))
+    return model, state
+
+
+def freeze_spec(config: dict) -> list[Selector]:
+    # keep_trainable lists what trains; "!" turns each into "everything but".
+    return ["!" + str(selector) for selector in config["freeze"]["keep_trainable"]]
+
+
+def read_manifest(model: nn.Module, path: str | Path) -> FreezeState:
+    """--freeze-from: the freeze state another run wrote to freeze_manifest.json."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--freeze-from {path}: cannot read a JSON manifest ({err})") from None
+    state = state_from_manifest(model, data, str(path))
+    # The new run's own stages follow; the manifest's count belonged to its run.
+    state.stages_done = 0
+    return state
+
+
+def loader_workers(setting: str | int, data: str) -> int:
+    """With "auto", none for in-memory synthetic data; else the cores but one, up to 8."""
+    if setting == "auto":
+        return 0 if data == DEFAULT_DATA else min(8, max(1, (os.cpu_count() or 1) - 1))
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise ConfigError(f'train.num_workers must be "auto" or an integer >= 0, got {setting!r}')
+    return setting
+
+
+def show_progress() -> bool:
+    """Bars are for a person at a terminal; logs and CI get one line per epoch."""
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    desc: str | None = None,
+) -> tuple[float, int, int]:
+    """One pass over `loader`: summed loss, correct predictions and samples.
+    `desc` turns on a progress bar with the running loss, accuracy and images/s.
+    """
+    model.train()
+    # Summed on the device: reading a number every step would wait for the GPU.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    bar = tqdm(loader, desc=desc, disable=desc is None, leave=False, unit="batch", dynamic_ncols=True)
+    started = time.perf_counter()
+    for step, (inputs, labels) in enumerate(bar, 1):
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        logits = model(inputs)
+        loss = nn.functional.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        count += len(labels)
+        if not bar.disable:
+            bar.set_postfix(
+                loss=f"{loss_sum.item() / count:.4f}",
+                acc=f"{correct.item() / count:.3f}",
+                img_s=f"{count / (time.perf_counter() - started):.0f}",
+                # Drawn at tqdm's interval, and at the last step: a fast epoch
+                # would otherwise end before its numbers were ever shown.
+                refresh=step == bar.total,
+            )
+    return loss_sum.item(), int(correct.item()), count
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over `loader`."""
+    model.eval()
+    loss, correct, count = 0.0, 0, 0
+    for inputs, labels in loader:
+        inputs, labels = inputs.to(device), labels.to(device)
+        logits = model(inputs)
+        loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        count += len(labels)
+    return loss / count, correct / count
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def write_metrics(path: Path, history: list[dict[str, float]]) -> None:
+    # Rewritten whole from the history each epoch, so a resumed run never
+    # holds rows from epochs it went back over.
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+@dataclass
+class Run:
+    """Everything one training run holds between epochs."""
+
+    config: dict
+    data: str
+    epochs: int
+    out: Path
+    model: nn.Module
+    state: FreezeState
+    device: torch.device
+    files: RunFiles | None = None
+    stages: list[Stage] = field(default_factory=list)
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+    net: nn.Module | None = None
+    train_set: Dataset | None = None
+    val_set: Dataset | None = None
+    sampler: RandomSampler | None = None
+    shuffle: torch.Generator = field(default_factory=torch.Generator)
+    train_loader: DataLoader | None = None
+    val_loader: DataLoader | None = None
+    first: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_value: float = math.nan
+
+
+def fit(
+    config: dict,
+    out: str | Path | None,
+    *,
+    data: str = DEFAULT_DATA,
+    epochs: int | None = None,
+    init: str | Path | None = None,
+    resume: str | Path | None = None,
+    stop_after: int | None = None,
+    device: str | None = None,
+    freeze_from: str | Path | None = None,
+) -> list[dict[str, float]]:
+    """Train and write the run folder; return one metrics row per epoch.
+
+    `stop_after` ends this invocation after that many epochs, leaving the
+    schedule planned for `epochs`: resume later with --resume.
+    `resume` is a full checkpoint or a run folder (its newest checkpoint that
+    matches checkpoints.json); `out` then defaults to that checkpoint's folder.
+    `freeze_from` is a freeze_manifest.json whose freeze state replaces the
+    config's spec.
+    """
+    run = start_run(config, out, data, epochs, init, resume, device, freeze_from)
+    for ran, epoch in enumerate(range(run.first, run.epochs), 1):
+        begin_stages(run, epoch)
+        row = run_epoch(run, epoch)
+        record(run, row)
+        save(run, row)
+        if stop_after is not None and ran >= stop_after:
+            break
+    return run.history
+
+
+def check_config(config: dict) -> None:
+    """The checks that need no model, before anything is built or written."""
+    monitor, mode = config["checkpoint"]["monitor"], config["checkpoint"]["mode"]
+    if monitor not in MONITORS or mode not in ("min", "max"):
+        raise ConfigError(
+            f"checkpoint.monitor must be one of {', '.join(MONITORS)} and checkpoint.mode min or max; "
+            f"got {monitor!r}, {mode!r}"
+        )
+    if config["checkpoint"]["keep_last_k"] < 0:
+        raise ConfigError(f"checkpoint.keep_last_k must be 0 or more, got {config['checkpoint']['keep_last_k']}")
+
+
+def start_run(
+    config: dict,
+    out: str | Path | None,
+    data: str,
+    epochs: int | None,
+    init: str | Path | None,
+    resume: str | Path | None,
+    device: str | None,
+    freeze_from: str | Path | None,
+) -> Run:
+    """Everything that can reject the input runs before the run folder exists; then the folder and the loaders."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    seed = config["train"]["seed"]
+    # The model starts the same whatever ran before in this process.
+    seed_everything(seed)
+    check_config(config)
+    checkpoint = None
+    if resume is not None:
+        if freeze_from is not None:
+            raise ConfigError("--freeze-from starts a new run and --resume continues one; pass one of them")
+        resume, checkpoint = load_resume(resume)
+        out = out or resume.parent
+    if out is None:
+        raise ConfigError("no run folder: pass --out or --resume")
+    model, state = prepare_model(
+        config,
+        init=init,
+        freeze_from=freeze_from,
+    )
+    run = Run(config, data, epochs or config["train"]["epochs"], Path(out), model, state, dev)
+    run.stages = parse_stages(config["unfreeze"]["stages"])
+    if checkpoint is not None:
+        # The freeze state exactly as saved, stages already applied included:
+        # re-running the config's spec would freeze a backbone that an
+        # earlier stage had released (the failure of re-freezing on resume).
+        run.state = state_from_manifest(model, checkpoint["freeze_manifest"], f"{resume} freeze_manifest")
+        apply(model, run.state)
+    run.train_set, run.val_set = make_datasets(data, config)
+    run.out.mkdir(parents=True, exist_ok=True)
+    run.files = RunFiles(run.out)
+    print(freeze_summary(model, run.state))
+    build_training(run, checkpoint)
+    if checkpoint is not None:
+        restore(run, checkpoint, resume)
+    write_json(run.out / "freeze_manifest.json", manifest(model, run.state, run.groups))
+    # Built after the freeze (and the stages a resume put back).
+    run.net = model
+    make_loaders(run)
+    return run
+
+
+def build_training(run: Run, checkpoint: dict[str, Any] | None) -> None:
+    """The optimizer over the trainable parameters, its schedule."""
+    model = run.model
+    model.to(run.device)
+    if checkpoint is None:
+        run.groups = param_groups(model, run.config, trainable_names(model), "trainable")
+    else:
+        run.groups = checkpoint["freeze_manifest"]["param_groups"]  # with the groups of stages done
+    run.optimizer = make_optimizer(model, run.config, run.groups)
+    run.scheduler = cosine_schedule(run.optimizer, run.epochs)
+    run.best_value = math.inf if run.config["checkpoint"]["mode"] == "min" else -math.inf
+
+
+def restore(run: Run, checkpoint: dict[str, Any], resume: Path) -> None:
+    """Put a full checkpoint back: weights, optimizer, schedule, RNG, history."""
+    run.model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    run.first, run.history = checkpoint["epoch"] + 1, checkpoint["history"]
+    set_rng_state(checkpoint["rng"][0])
+    run.best_value = checkpoint["best_value"]
+    print(f"resumed from {resume} after epoch {run.first - 1}")
+    if run.first >= run.epochs and resume.name != "last.ckpt" and resume.resolve().parent == run.out.resolve():
+        # Killed during the final save: the newest valid file is an
+        # epoch file, and last.ckpt must not stay behind it.
+        run.files.save("last.ckpt", resume.read_bytes(), full_info(checkpoint))
+
+
+def make_loaders(run: Run) -> None:
+    """The train and val loaders."""
+    train_cfg = run.config["train"]
+    workers = loader_workers(train_cfg["num_workers"], run.data)
+    loader_args = {"num_workers": workers, "pin_memory": run.device.type == "cuda", "persistent_workers": workers > 0}
+    # The shuffle order depends on the seed and the epoch alone (run_epoch
+    # seeds the generator), so a resumed run sees exactly the batches an
+    # uninterrupted one would.
+    run.sampler = RandomSampler(run.train_set, generator=run.shuffle)
+    run.train_loader = DataLoader(run.train_set, train_cfg["batch_size"], sampler=run.sampler, **loader_args)
+    run.val_loader = DataLoader(run.val_set, train_cfg["batch_size"], **loader_args)
+
+
+def begin_stages(run: Run, epoch: int) -> None:
+    """Start every unfreeze stage due at `epoch`: release its part, in new param groups on the schedule."""
+    while run.state.stages_done < len(run.stages) and run.stages[run.state.stages_done].epoch <= epoch:
+        stage = run.stages[run.state.stages_done]
+        names = unfreeze_stage(run.model, run.state, stage, run.config["freeze"]["bn_modes"])
+        label = f"stage{run.state.stages_done}"
+        new = param_groups(run.model, run.config, names, label, stage.lr_mult, epoch, stage.warmup_epochs)
+        add_groups(run.model, run.optimizer, run.scheduler, new, run.config, run.epochs)
+        run.groups = run.groups + new
+        write_json(run.out / "freeze_manifest.json", manifest(run.model, run.state, run.groups))
+        print(stage_line(run.model, epoch, stage, names, new))
+
+
+def run_epoch(run: Run, epoch: int) -> dict[str, float]:
+    """Train one epoch and evaluate; the metrics row of metrics.csv."""
+    run.shuffle.manual_seed(run.config["train"]["seed"] + epoch)
+    started = time.perf_counter()
+    lr = run.optimizer.param_groups[0]["lr"]
+    desc = f"epoch {epoch}" if show_progress() else None
+    loader = run.train_loader
+    sums = train_one_epoch(run.net, loader, run.optimizer, run.device, desc)
+    loss_sum, correct, count = sums
+    val_loss, val_acc = evaluate(run.model, run.val_loader, run.device)
+    run.scheduler.step()
+    seconds = time.perf_counter() - started
+    return {
+        "epoch": epoch,
+        "train_loss": loss_sum / count,
+        "val_loss": val_loss,
+        "val_acc": val_acc,
+        "lr": lr,
+        "seconds": seconds,
+        "train_acc": correct / count,
+        "images_per_s": count / seconds,
+        "trainable_params": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
+    }
+
+
+def record(run: Run, row: dict[str, float]) -> None:
+    """The row joins the history: metrics.csv and one printed line."""
+    run.history.append(row)
+    write_metrics(run.out / "metrics.csv", run.history)
+    print(
+        f"epoch {row['epoch']}: train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.3f} "
+        f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.3f} lr {row['lr']:.2e} "
+        f"({row['seconds']:.1f}s, {row['images_per_s']:.0f} img/s)"
+    )
+
+
+def save(run: Run, row: dict[str, float]) -> None:
+    """best.* when the monitored metric improved; last.ckpt and the epoch files, every epoch."""
+    monitor, mode = run.config["checkpoint"]["monitor"], run.config["checkpoint"]["mode"]
+    value = row[monitor]
+    if value < run.best_value if mode == "min" else value > run.best_value:
+        run.best_value = value
+        save_best(run, row["epoch"], monitor, value)
+    # Every rank's RNG, so each rank of a resumed run draws what it would have.
+    rng = [rng_state()]
+    checkpoint = {
+        "epoch": row["epoch"],
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": {},
+        "rng": rng,
+        "best_value": run.best_value,
+        "history": run.history,
+        "freeze_manifest": manifest(run.model, run.state, run.groups),
+        "config": run.config,
+    }
+    save_full(run.files, checkpoint, run.config["checkpoint"]["keep_last_k"])
+
+
+def save_best(run: Run, epoch: int, monitor: str, value: float) -> None:
+    info = {"epoch": epoch, "metric": {monitor: value}}
+    weights = run.model.state_dict()
+    run.files.save("best.pt", torch_bytes(weights), {**info, "format": "state_dict"})
+    # safetensors metadata is str -> str.
+    metadata = {"epoch": str(epoch), monitor: repr(value), "config_sha256": config_hash(run.config)}
+    run.files.save("best.safetensors", safetensors_bytes(weights, metadata), {**info, "format": "safetensors"})
+
+
+def stage_line(model: nn.Module, epoch: int, stage: Stage, names: list[str], groups: list[dict[str, Any]]) -> str:
+    """The one line an unfreeze stage prints: what it selected and what changed."""
+    picked = ", ".join(map(str, stage.select))
+    if not names:
+        return f"epoch {epoch}: unfreeze stage {picked}: already trainable, nothing changes"
+    released = set(names)
+    size = sum(p.numel() for name, p in model.named_parameters() if name in released)
+    warmup = f", {stage.warmup_epochs} warmup epochs" if stage.warmup_epochs else ""
+    return (
+        f"epoch {epoch}: unfreeze stage {picked}: {len(names)} tensors ({size:,} parameters) now train "
+        f"in param groups {', '.join(repr(g['name']) for g in groups)} at lr x {stage.lr_mult:g}{warmup}"
+    )
+
+
+def full_info(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """What checkpoints.json records for a full checkpoint, read off the checkpoint itself."""
+    last = checkpoint["history"][-1]
+    return {"epoch": checkpoint["epoch"], "metric": {k: last[k] for k in ("val_loss", "val_acc")}, "format": "full"}
+
+
+def save_full(files: RunFiles, checkpoint: dict[str, Any], keep_last_k: int) -> None:
+    """last.ckpt, plus epoch-NNNN.ckpt files of which the newest keep_last_k stay.
+
+    epoch-0003.ckpt holds the state after epoch 3 (as numbered in
+    metrics.csv), so resuming from it runs epoch 4 next. An old epoch file is
+    deleted only after the new one is complete.
+    """
+    payload = torch_bytes(checkpoint)
+    info = full_info(checkpoint)
+    if keep_last_k:
+        files.save(f"epoch-{checkpoint['epoch']:04d}.ckpt", payload, info)
+        epoch_files = sorted(name for name in files.files if name.startswith("epoch-"))
+        for name in epoch_files[:-keep_last_k]:
+            files.remove(name)
+    files.save("last.ckpt", payload, info)

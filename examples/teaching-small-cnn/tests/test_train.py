@@ -1,0 +1,85 @@
+"""A run on synthetic data writes its folder, learns, and leaves frozen tensors alone."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import torch
+from conftest import pretrained_like
+
+from teaching_small_cnn.checkpoint import read_state_dict
+from teaching_small_cnn.cli import main
+from teaching_small_cnn.model import HEAD, build_model
+from teaching_small_cnn.train import METRIC_COLUMNS, fit
+
+
+def save_init(path: Path, config: dict) -> dict[str, torch.Tensor]:
+    """Weights from a differently seeded model, saved as a pretrained file would be."""
+    torch.manual_seed(1234)
+    state = {k: v.clone() for k, v in build_model(config).state_dict().items()}
+    # DDP's "module." prefix and a nested "state_dict": both must load.
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    return state
+
+
+def test_train_writes_every_run_file(tmp_path, config, config_file):
+    out = tmp_path / "run"
+    assert main(["--config", str(config_file), "train", "--out", str(out), "--epochs", "2"]) == 0
+
+    manifest = json.loads((out / "freeze_manifest.json").read_text())
+    assert {"frozen", "trainable", "bn_fixed"} <= manifest.keys()
+    params = [name for name, _ in build_model(config).named_parameters()]
+    assert sorted(manifest["frozen"] + manifest["trainable"]) == sorted(params)
+
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == METRIC_COLUMNS
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert (out / "best.pt").is_file()
+    assert (out / "best.safetensors").is_file()
+    assert (out / "last.ckpt").is_file()
+
+
+def test_synthetic_data_is_learnable_in_two_epochs(tmp_path, config):
+    pretrained_like(tmp_path / "init.pt", config)
+    history = fit(config, tmp_path / "run", epochs=2, init=tmp_path / "init.pt", device="cpu")
+    chance = 1 / config["model"]["num_classes"]
+    assert history[-1]["val_acc"] > 2 * chance, history
+
+
+def test_frozen_tensors_stay_bit_identical_to_init(tmp_path, config):
+    init = save_init(tmp_path / "init.pt", config)
+    out = tmp_path / "run"
+    fit(config, out, epochs=2, init=tmp_path / "init.pt", device="cpu")
+    manifest = json.loads((out / "freeze_manifest.json").read_text())
+    trained = read_state_dict(out / "best.pt")
+    for name in manifest["frozen"]:
+        assert torch.equal(trained[name], init[name]), f"frozen {name} moved"
+    for module in manifest["bn_fixed"]:
+        for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+            key = f"{module}.{buffer}"
+            assert torch.equal(trained[key], init[key]), f"fixed BN statistic {key} moved"
+    head = [k for k in manifest["trainable"] if k.startswith(HEAD + ".")]
+    assert head and all(not torch.equal(trained[k], init[k]) for k in head), "the head did not train"
+
+
+def test_layers_lists_children_modules_and_parameters(capsys, config_file):
+    assert main(["--config", str(config_file), "layers", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert [c["index"] for c in table["children"]] == list(range(len(table["children"])))
+    assert any(m["name"] == HEAD for m in table["modules"])
+    states = {p["state"] for p in table["parameters"]}
+    assert states <= {"frozen", "trainable"}
+    assert states == {"frozen", "trainable"}
+
+
+def test_evaluate_reports_accuracy_of_saved_weights(tmp_path, config, config_file, capsys):
+    out = tmp_path / "run"
+    fit(config, out, epochs=1, device="cpu")
+    weights = out / "best.pt"
+    capsys.readouterr()
+    assert main(["--config", str(config_file), "evaluate", "--weights", str(weights)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0.0 <= result["val_acc"] <= 1.0
