@@ -45,7 +45,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--spec",
         action="append",
         metavar="SELECTORS",
-        help="dry run: what these selectors match (comma-separated; repeatable), e.g. --spec 'layer2, !fc'",
+        help=(
+            "dry run: what these selectors match (comma-separated; repeatable), "
+            "e.g. --spec 'layer2, !fc'"
+        ),
     )
 
     inspect = commands.add_parser("inspect-weights", help="plan loading a weights file as --init would, load nothing")

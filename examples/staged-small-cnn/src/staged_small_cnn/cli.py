@@ -44,7 +44,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--spec",
         action="append",
         metavar="SELECTORS",
-        help="dry run: what these selectors match (comma-separated; repeatable), e.g. --spec 'block1, !head'",
+        help=(
+            "dry run: what these selectors match (comma-separated; repeatable), "
+            "e.g. --spec 'block1, !head'"
+        ),
     )
 
     inspect = commands.add_parser("inspect-weights", help="plan loading a weights file as --init would, load nothing")
