@@ -22,6 +22,8 @@ from .plot import PlotError, plot_run
 from .train import evaluate, fit, prepare_model
 from .weights import inspect_weights
 
+# A spec in this model's own names, for --help.
+SPEC_EXAMPLE = "layer2, !fc"
 # Errors that mean "your input is wrong": printed as one line, exit status 2.
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
@@ -45,10 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--spec",
         action="append",
         metavar="SELECTORS",
-        help=(
-            "dry run: what these selectors match (comma-separated; repeatable), "
-            "e.g. --spec 'layer2, !fc'"
-        ),
+        help=f"dry run: what these selectors match (comma-separated; repeatable), e.g. --spec '{SPEC_EXAMPLE}'",
     )
 
     inspect = commands.add_parser("inspect-weights", help="plan loading a weights file as --init would, load nothing")

@@ -22,6 +22,8 @@ from .plot import PlotError, plot_run
 from .train import evaluate, fit, prepare_model
 from .weights import inspect_weights
 
+# A spec in this model's own names, for --help.
+SPEC_EXAMPLE = "block1, !head"
 # Errors that mean "your input is wrong": printed as one line, exit status 2.
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
@@ -44,10 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--spec",
         action="append",
         metavar="SELECTORS",
-        help=(
-            "dry run: what these selectors match (comma-separated; repeatable), "
-            "e.g. --spec 'block1, !head'"
-        ),
+        help=f"dry run: what these selectors match (comma-separated; repeatable), e.g. --spec '{SPEC_EXAMPLE}'",
     )
 
     inspect = commands.add_parser("inspect-weights", help="plan loading a weights file as --init would, load nothing")

@@ -20,6 +20,8 @@ from .model import build_model
 from .train import evaluate, fit, prepare_model
 from .weights import inspect_weights
 
+# A spec in this model's own names, for --help.
+SPEC_EXAMPLE = "block1, !head"
 # Errors that mean "your input is wrong": printed as one line, exit status 2.
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
@@ -40,10 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--spec",
         action="append",
         metavar="SELECTORS",
-        help=(
-            "dry run: what these selectors match (comma-separated; repeatable), "
-            "e.g. --spec 'block1, !head'"
-        ),
+        help=f"dry run: what these selectors match (comma-separated; repeatable), e.g. --spec '{SPEC_EXAMPLE}'",
     )
 
     inspect = commands.add_parser("inspect-weights", help="plan loading a weights file as --init would, load nothing")
