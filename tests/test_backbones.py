@@ -111,7 +111,8 @@ def shown_selectors(project: Path) -> dict[str, list]:
     package = next(p for p in (project / "src").iterdir() if (p / "config.toml").is_file())
     texts = (package / "config.toml").read_text() + (project / "README.md").read_text() + (package / "cli.py").read_text()
     found: dict[str, list] = {"spec": [], "select": [], "bn_modes": [], "lr_mult": []}
-    for spec in re.findall(r"""--spec ["']([^"']+)["']""", texts):
+    specs = re.findall(r"""--spec ["']([^"'{]+)["']""", texts) + re.findall(r'^SPEC_EXAMPLE = "(.+)"', texts, re.M)
+    for spec in specs:
         found["spec"] += [s.strip() for s in spec.split(",")]
     found["select"] = re.findall(r'^#?\s*select = "([^"]+)"', texts, flags=re.M)
     for key in ("bn_modes", "lr_mult"):
