@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.regen_examples import EXAMPLES, render_example
+from tests.render_table import readme_table, table
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -36,3 +37,7 @@ def test_examples_are_ruff_clean():
                 text=True,
             )
             assert proc.returncode == 0, f"{example}: {proc.stdout}{proc.stderr}"
+
+
+def test_the_readme_table_of_renders_matches_the_examples():
+    assert readme_table((ROOT / "README.md").read_text()) == table(), "run `python -m tests.render_table`"
