@@ -68,7 +68,8 @@ def main() -> None:
     ratios = {
         "teaching default / research small_cnn full": median["teaching small_cnn"]["default"]
         / full["research small_cnn"],
-        "teaching default / research resnet18 full": median["teaching small_cnn"]["default"] / full["research resnet18"],
+        "teaching default / research resnet18 full": median["teaching small_cnn"]["default"]
+        / full["research resnet18"],
         "research small_cnn default / its full": median["research small_cnn"]["default"] / full["research small_cnn"],
         "research resnet18 default / its full": median["research resnet18"]["default"] / full["research resnet18"],
     }

@@ -109,15 +109,15 @@ def test_the_readme_backbone_table_matches_the_generated_code():
 def shown_selectors(project: Path) -> dict[str, list]:
     """Every example selector a render's config.toml, README and --help show, by where it stands."""
     package = next(p for p in (project / "src").iterdir() if (p / "config.toml").is_file())
-    texts = (package / "config.toml").read_text() + (project / "README.md").read_text() + (package / "cli.py").read_text()
+    texts = "".join((path).read_text() for path in (package / "config.toml", project / "README.md", package / "cli.py"))
     found: dict[str, list] = {"spec": [], "select": [], "bn_modes": [], "lr_mult": []}
     specs = re.findall(r"""--spec ["']([^"'{]+)["']""", texts) + re.findall(r'^SPEC_EXAMPLE = "(.+)"', texts, re.M)
     for spec in specs:
         found["spec"] += [s.strip() for s in spec.split(",")]
     found["select"] = re.findall(r'^#?\s*select = "([^"]+)"', texts, flags=re.M)
     for key in ("bn_modes", "lr_mult"):
-        for table in re.findall(key + r" = (\{[^}\n]+\})", texts):
-            found[key].append(tomllib.loads(f"t = {table}")["t"])
+        for inline in re.findall(key + r" = (\{[^}\n]+\})", texts):
+            found[key].append(tomllib.loads(f"t = {inline}")["t"])
     return found
 
 
@@ -136,7 +136,7 @@ def test_every_selector_a_render_shows_resolves_on_its_model(tmp_path, backbone)
     for selector in shown["spec"] + shown["select"]:
         freeze.resolve(model, [selector], f"example {selector!r}")
     for key, section in (("bn_modes", "freeze"), ("lr_mult", "train")):
-        for table in shown[key]:
-            config[section][key] = table
+        for inline in shown[key]:
+            config[section][key] = inline
             train.prepare_model(config)
         config[section][key] = {}

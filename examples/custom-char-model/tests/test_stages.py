@@ -13,7 +13,7 @@ from custom_char_model import train
 from custom_char_model.checkpoint import torch_load
 from custom_char_model.cli import main
 from custom_char_model.config import ConfigError, load_config
-from custom_char_model.freeze import FreezeSpecError
+from custom_char_model.freeze import FreezeSpecError, parse_stages, resolve
 from custom_char_model.model import build_model
 
 EPOCHS = 4
@@ -203,5 +203,5 @@ def test_resume_after_a_stage_keeps_the_released_part_training(tmp_path, config)
 
 def test_every_default_stage_resolves(config):
     model = build_model(config)
-    for i, stage in enumerate(train.parse_stages(config["unfreeze"]["stages"])):
-        train.resolve(model, stage.select, f"stage {i}")
+    for i, stage in enumerate(parse_stages(config["unfreeze"]["stages"])):
+        resolve(model, stage.select, f"stage {i}")

@@ -13,7 +13,7 @@ from resnet18_pattern import train
 from resnet18_pattern.checkpoint import torch_load
 from resnet18_pattern.cli import main
 from resnet18_pattern.config import ConfigError, load_config
-from resnet18_pattern.freeze import FreezeSpecError
+from resnet18_pattern.freeze import FreezeSpecError, parse_stages, resolve
 from resnet18_pattern.model import build_model
 
 EPOCHS = 4
@@ -204,5 +204,5 @@ def test_resume_after_a_stage_keeps_the_released_part_training(tmp_path, config)
 
 def test_every_default_stage_resolves(config):
     model = build_model(config)
-    for i, stage in enumerate(train.parse_stages(config["unfreeze"]["stages"])):
-        train.resolve(model, stage.select, f"stage {i}")
+    for i, stage in enumerate(parse_stages(config["unfreeze"]["stages"])):
+        resolve(model, stage.select, f"stage {i}")

@@ -13,7 +13,7 @@ from staged_small_cnn import train
 from staged_small_cnn.checkpoint import torch_load
 from staged_small_cnn.cli import main
 from staged_small_cnn.config import ConfigError, load_config
-from staged_small_cnn.freeze import FreezeSpecError
+from staged_small_cnn.freeze import FreezeSpecError, parse_stages, resolve
 from staged_small_cnn.model import build_model
 
 EPOCHS = 4
@@ -203,5 +203,5 @@ def test_resume_after_a_stage_keeps_the_released_part_training(tmp_path, config)
 
 def test_every_default_stage_resolves(config):
     model = build_model(config)
-    for i, stage in enumerate(train.parse_stages(config["unfreeze"]["stages"])):
-        train.resolve(model, stage.select, f"stage {i}")
+    for i, stage in enumerate(parse_stages(config["unfreeze"]["stages"])):
+        resolve(model, stage.select, f"stage {i}")
