@@ -68,20 +68,20 @@ def measure(project: Path, model_name: str, variant: str, size: int, batch: int,
     model_mod, train, config_mod = modules["model"], modules["train"], modules["config"]
     model_mod.ARCH = model_name
     config = config_mod.load_config()
-    config["model"]["pretrained"] = False
+    config.model.pretrained = False
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp = train.amp_dtype(config["train"], dev)
+    amp = train.amp_dtype(config.train, dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
     if variant == "a":
         model, _ = train.prepare_model(config)
     else:
         model = model_mod.build_model(config)
-    channels_last = train.use_channels_last(config["train"]["channels_last"], model, dev)
+    channels_last = train.use_channels_last(config.train.channels_last, model, dev)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model.to(dev, memory_format=layout)
     torch.manual_seed(0)
     images = torch.randn(batch, 3, size, size, device=dev).to(memory_format=layout)
-    labels = torch.randint(0, config["model"]["num_classes"], (batch,), device=dev)
+    labels = torch.randint(0, config.model.num_classes, (batch,), device=dev)
 
     if variant == "a":
         optimizer = modules["optim"].make_optimizer(model, config)

@@ -41,18 +41,18 @@ DEPTH_LABELS = ["stem", "+layer1", "+layer2", "+layer3", "+layer4"]
 
 def probe_config(modules, args) -> dict:
     config = modules["config"].load_config()
-    config["model"]["pretrained"] = False
-    config["train"].update(batch_size=args.batch, image_size=args.size, epochs=args.epochs)
-    config["data"].update(synthetic_train_size=args.train, synthetic_val_size=args.val)
+    config.model.pretrained = False
+    vars(config.train).update(batch_size=args.batch, image_size=args.size, epochs=args.epochs)
+    vars(config.data).update(synthetic_train_size=args.train, synthetic_val_size=args.val)
     return config
 
 
 def run_fit(project: Path, args, cache: bool) -> dict:
     modules = load_project(project)
     config = probe_config(modules, args)
-    config["freeze"]["patterns"] = ["!fc"]  # a linear probe: everything but the head
-    config["unfreeze"]["stages"] = []
-    config["train"]["cache_features"] = cache
+    config.freeze.patterns = ["!fc"]  # a linear probe: everything but the head
+    config.unfreeze.stages = []
+    config.train.cache_features = cache
     with tempfile.TemporaryDirectory() as out:
         history = modules["train"].fit(config, out, device="cpu")
     seconds = [row["seconds"] for row in history]
@@ -68,7 +68,7 @@ def run_lightning(project: Path, args) -> dict:
 
     modules = load_project(project)
     config = probe_config(modules, args)
-    torch.manual_seed(config["train"]["seed"])
+    torch.manual_seed(config.train.seed)
     model = modules["model"].build_model(config)
 
     class Probe(L.LightningModule):
@@ -92,8 +92,8 @@ def run_lightning(project: Path, args) -> dict:
 
         def configure_optimizers(self):
             trainable = [p for p in self.parameters() if p.requires_grad]
-            train_cfg = config["train"]
-            return torch.optim.AdamW(trainable, lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
+            train_cfg = config.train
+            return torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
 
     class EpochTimer(L.Callback):
         def __init__(self) -> None:
@@ -136,15 +136,15 @@ def run_depth(project: Path, args, depth: int) -> dict:
 
     modules = load_project(project)
     config = probe_config(modules, args)
-    config["freeze"]["patterns"] = [f"{name}.*" for stage in DEPTHS[: depth + 1] for name in stage]
-    config["unfreeze"]["stages"] = []
+    config.freeze.patterns = [f"{name}.*" for stage in DEPTHS[: depth + 1] for name in stage]
+    config.unfreeze.stages = []
     train = modules["train"]
     torch.manual_seed(0)
     model, _ = train.prepare_model(config)
     optimizer = modules["optim"].make_optimizer(model, config)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     images = torch.randn(args.batch, 3, args.size, args.size)
-    labels = torch.randint(0, config["model"]["num_classes"], (args.batch,))
+    labels = torch.randint(0, config.model.num_classes, (args.batch,))
     times = []
     for i in range(3 + args.steps):
         started = time.perf_counter()

@@ -35,7 +35,7 @@ def row(backbone: str, workdir: Path) -> str:
     sizes = {name: p.numel() for name, p in model.named_parameters()}
     total = sum(sizes.values())
     head = sum(n for name, n in sizes.items() if name.startswith(model_module.HEAD + "."))
-    names = config["freeze"]["names"]
+    names = config.freeze.names
     _, match = freeze.resolve(model, names, "names")
     frozen = sum(sizes[name] for name in match.params)
     label = f"timm `{model_module.ARCH}`" if backbone == "timm" else f"`{backbone}`"

@@ -29,13 +29,13 @@ FREEZE_BY = ["backbone", "name", "index", "pattern"]
 
 def tiny_config(project: Path, package: str) -> dict:
     config = import_rendered(project, package, "config").load_config()
-    config["train"].update(epochs=1, batch_size=8, num_workers=0)
-    if "image_size" in config["train"]:
-        config["train"]["image_size"] = 32
-    if "synthetic_train_size" in config["data"]:
-        config["data"].update(synthetic_train_size=16, synthetic_val_size=8)
-    if "pretrained" in config["model"]:
-        config["model"]["pretrained"] = False
+    vars(config.train).update(epochs=1, batch_size=8, num_workers=0)
+    if hasattr(config.train, "image_size"):
+        config.train.image_size = 32
+    if hasattr(config.data, "synthetic_train_size"):
+        vars(config.data).update(synthetic_train_size=16, synthetic_val_size=8)
+    if hasattr(config.model, "pretrained"):
+        config.model.pretrained = False
     return config
 
 
@@ -75,7 +75,7 @@ def test_every_backbone_trains_an_epoch_with_each_freeze_kind(tmp_path, init_fil
     if freeze_by == "backbone" and backbone not in ("timm", "custom"):
         # copier.yml's head_width, which sets the probe's lr, is the real head's width.
         width = init[f"{model_module.HEAD}.weight"].shape[1]  # a Linear's weight is (out, in)
-        assert config["train"]["lr"] == float(f"{0.01 * min(1, 512 / width):.2g}"), (width, config["train"]["lr"])
+        assert config.train.lr == float(f"{0.01 * min(1, 512 / width):.2g}"), (width, config.train.lr)
     head = [key for key in init if key.startswith(model_module.HEAD + ".")]
     assert head and any(not torch.equal(best[key], init[key]) for key in head), "the head did not train"
     if backbone == "custom" and freeze_by == "name":
@@ -137,6 +137,6 @@ def test_every_selector_a_render_shows_resolves_on_its_model(tmp_path, backbone)
         freeze.resolve(model, [selector], f"example {selector!r}")
     for key, section in (("bn_modes", "freeze"), ("lr_mult", "train")):
         for inline in shown[key]:
-            config[section][key] = inline
+            setattr(getattr(config, section), key, inline)
             train.prepare_model(config)
-        config[section][key] = {}
+        setattr(getattr(config, section), key, {})

@@ -25,10 +25,10 @@ def toggle(model):
 
 
 def test_bn_modes_on_a_model_without_batchnorm_is_an_error(config):
-    config["freeze"]["bn_modes"] = {"*": "eval"}
+    config.freeze.bn_modes = {"*": "eval"}
     with pytest.raises(FreezeSpecError, match="holds no BatchNorm layer"):
         prepare_model(config)
-    config["freeze"]["bn_modes"] = {"*": "fixed"}
+    config.freeze.bn_modes = {"*": "fixed"}
     with pytest.raises(FreezeSpecError, match="a mode is one of train, eval"):
         prepare_model(config)
 

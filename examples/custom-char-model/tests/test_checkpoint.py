@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,20 +22,20 @@ from custom_char_model.checkpoint import (
     torch_load,
 )
 from custom_char_model.cli import main
-from custom_char_model.config import ConfigError
+from custom_char_model.config import Config, ConfigError, InitConfig, load_config
 from custom_char_model.model import HEAD, build_model
 from custom_char_model.train import fit
 from custom_char_model.weights import load_init, plan_load
 
 
-def init_config(config: dict, **overrides) -> dict:
+def init_config(config: Config, **overrides) -> InitConfig:
     """The packaged [init] section with some keys changed."""
-    return {**config["init"], **overrides}
+    return replace(config.init, **overrides)
 
 
 def test_partial_load_unwraps_strips_prefixes_and_reports_shape_mismatches(tmp_path, config):
-    num_classes = config["model"]["num_classes"]
-    wider = {**config, "model": {**config["model"], "num_classes": num_classes + 1}}
+    num_classes = config.model.num_classes
+    wider = replace(config, model=replace(config.model, num_classes=num_classes + 1))
     source = build_model(wider).state_dict()
     # DDP inside torch.compile, inside a Lightning-style dict inside a "module" wrapper.
     wrapped = {"module": {"state_dict": {f"_orig_mod.module.{k}": v for k, v in source.items()}}}
@@ -66,8 +67,10 @@ def test_a_remap_that_merges_keys_or_does_not_compile_is_a_config_error(tmp_path
     source = model.state_dict()
     with pytest.raises(ConfigError, match="maps two keys"):
         plan_load(model, source, "w", [["\\.(weight|bias)$", ""]], 0)
-    with pytest.raises(ConfigError, match="not a regex"):
-        plan_load(model, source, "w", [["(", ""]], 0)
+    path = tmp_path / "remap.toml"
+    path.write_text('[init]\nremap = [["(", ""]]\n')
+    with pytest.raises(ConfigError, match=r"init.remap = \['\(', ''\]: \[regex, replacement\] pairs"):
+        load_config(path)
 
 
 def test_first_n_counts_in_the_models_order_not_the_files(tmp_path, config):
@@ -206,7 +209,8 @@ def test_every_file_a_run_writes_is_recorded_and_reloads_safely(tmp_path, config
     out = tmp_path / "run"
     history = fit(config, out, epochs=2, device="cpu")
     manifest = json.loads((out / "checkpoints.json").read_text())["files"]
-    written = {p.name for p in out.iterdir()} - {"checkpoints.json", "metrics.csv", "freeze_manifest.json"}
+    # .lock is the run's lock (its holder's PID), not a result.
+    written = {p.name for p in out.iterdir()} - {"checkpoints.json", "metrics.csv", "freeze_manifest.json", ".lock"}
     assert written == set(manifest), "a file of the run folder is missing from checkpoints.json"
     for name, entry in manifest.items():
         data = (out / name).read_bytes()
@@ -219,7 +223,7 @@ def test_every_file_a_run_writes_is_recorded_and_reloads_safely(tmp_path, config
             payload = torch_load(out / name)  # weights_only=True: plain data only
             state = read_state_dict(out / name)
             if entry["format"] == "full":
-                assert isinstance(payload["config"], dict) and payload["config"]["train"] == config["train"]
+                assert isinstance(payload["config"], dict) and payload["config"] == config.to_dict()
                 assert payload["history"] == history
                 assert len(payload["rng"]) == 1, "one RNG state per process"
                 assert payload["rng"][0]["numpy"]["bit_generator"] == "MT19937"
@@ -231,7 +235,7 @@ def test_every_file_a_run_writes_is_recorded_and_reloads_safely(tmp_path, config
 
 @pytest.mark.parametrize(("monitor", "mode"), [("val_loss", "min"), ("val_acc", "max")])
 def test_best_follows_the_monitored_metric(tmp_path, config, monitor, mode):
-    config["checkpoint"].update(monitor=monitor, mode=mode)
+    vars(config.checkpoint).update(monitor=monitor, mode=mode)
     out = tmp_path / "run"
     history = fit(config, out, epochs=3, device="cpu")
     values = [row[monitor] for row in history]
@@ -242,7 +246,7 @@ def test_best_follows_the_monitored_metric(tmp_path, config, monitor, mode):
 
 
 def test_a_monitor_that_is_no_metric_is_refused_before_the_run_folder_exists(tmp_path, config):
-    config["checkpoint"]["monitor"] = "val_accuracy"
-    with pytest.raises(ConfigError, match="checkpoint.monitor must be one of val_acc"):
+    config.checkpoint.monitor = "val_accuracy"
+    with pytest.raises(ConfigError, match="checkpoint.monitor = 'val_accuracy': must be \"val_acc\" or"):
         fit(config, tmp_path / "run", epochs=1, device="cpu")
     assert not (tmp_path / "run").exists()

@@ -61,3 +61,17 @@ def test_exporting_weights_of_another_model_is_a_clear_error(tmp_path, config_fi
     assert main([*args, "--out", str(tmp_path / "m.pt2")]) == 2
     assert "does not fit this model" in capsys.readouterr().err
     assert not (tmp_path / "m.pt2").exists()
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
+def test_a_failed_check_leaves_the_earlier_export_as_it_was(tmp_path, config, monkeypatch, fmt):
+    from custom_char_model import export as exporting
+
+    out = tmp_path / f"m.{fmt}"
+    export(build_model(config), fmt, out, example_inputs(config, 2))
+    before = out.read_bytes()
+    monkeypatch.setattr(exporting, "TOLERANCE", -1.0)  # no export can pass: the check must fail
+    with pytest.raises(ExportError, match="differs from eager"):
+        export(build_model(config), fmt, out, example_inputs(config, 2))
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [out.name], "a temp file was left"

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
 from conftest import linear_probe
 
-from custom_char_model.config import ConfigError
 from custom_char_model.data import DEFAULT_DATA, example_inputs
 from custom_char_model.distributed import SINGLE
 from custom_char_model.model import HEAD
@@ -29,5 +27,3 @@ def test_a_frozen_prefix_builds_no_autograd_graph(config):
 
 def test_loader_workers_fit_the_data():
     assert loader_workers("auto", DEFAULT_DATA, SINGLE) == 0, "custom data is taken to be in memory"
-    with pytest.raises(ConfigError, match="num_workers"):
-        loader_workers(-1, "synthetic", SINGLE)

@@ -17,7 +17,7 @@ def test_checkpointed_blocks_behind_a_frozen_prefix_get_their_gradients(config):
     model = build_model(config)
     later = blocks_with_parameters(model)[1:]
     prefix = [n for n, _ in model.named_parameters() if not n.startswith(tuple(b + "." for b in later))]
-    config["freeze"]["names"] = prefix
+    config.freeze.names = prefix
     x = example_inputs(config, 4)
 
     def prepared():

@@ -26,8 +26,8 @@ def test_two_groups_split_by_weight_decay_only(config):
     assert all(params[n].ndim <= 1 for n in names_in(model, groups["trainable no_decay"]))
     assert all(params[n].ndim > 1 for n in names_in(model, groups["trainable"]))
     assert groups["trainable no_decay"]["weight_decay"] == 0.0
-    assert groups["trainable"]["weight_decay"] == config["train"]["weight_decay"]
-    config["train"]["no_decay_norm_bias"] = False
+    assert groups["trainable"]["weight_decay"] == config.train.weight_decay
+    config.train.no_decay_norm_bias = False
     assert [g["name"] for g in make_optimizer(model, config).param_groups] == ["trainable"]
 
 

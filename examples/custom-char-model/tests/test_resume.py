@@ -25,7 +25,7 @@ EPOCHS = 2
 def tiny_config() -> dict:
     # Resuming is about state, not learning: four steps an epoch show it.
     cfg = small_config()
-    cfg["train"]["batch_size"] = 16
+    cfg.train.batch_size = 16
     shrink(cfg, 64, 32)
     return cfg
 
@@ -72,7 +72,7 @@ def test_every_rng_comes_back(config):
 
 
 def test_resume_dir_skips_a_damaged_last_ckpt_and_says_why(tmp_path, config, capsys):
-    config["checkpoint"]["keep_last_k"] = 2
+    config.checkpoint.keep_last_k = 2
     out = tmp_path / "run"
     fit(config, out, epochs=EPOCHS + 1, stop_after=2, device="cpu")
     assert {"epoch-0000.ckpt", "epoch-0001.ckpt", "last.ckpt"} <= set(RunFiles(out).files)
@@ -88,7 +88,7 @@ def test_resume_dir_skips_a_damaged_last_ckpt_and_says_why(tmp_path, config, cap
 
 
 def test_keep_last_k_keeps_the_newest_epoch_files(tmp_path, config):
-    config["checkpoint"]["keep_last_k"] = 2
+    config.checkpoint.keep_last_k = 2
     out = tmp_path / "run"
     fit(config, out, epochs=3, device="cpu")
     epoch_files = sorted(p.name for p in out.glob("epoch-*.ckpt"))

@@ -38,7 +38,7 @@ def stage_plan(config: dict) -> tuple[str, list[str], list[str]]:
     ]
     shallowest = min(name.count(".") for name in parts)
     first = [name for name in parts if name.count(".") == shallowest][-1]
-    config["unfreeze"]["stages"] = [
+    config.unfreeze.stages = [
         {"epoch": 2, "select": "*", "lr_mult": 0.5, "warmup_epochs": 1},
         {"epoch": 1, "select": first, "lr_mult": 0.1},  # listed out of order on purpose
     ]
@@ -85,7 +85,7 @@ def test_each_stage_waits_for_its_epoch_then_trains_on_schedule(tmp_path, config
     assert moved(w1, w2, b) == [], "the rest moved before its stage"
     assert moved(w2, w3, b) == b and moved(w3, end, b) == b, "stage '*' did not train the rest"
 
-    lr = config["train"]["lr"]
+    lr = config.train.lr
     for epoch, groups in ((1, g1), (2, g2), (3, g3)):
         stage = [g for g in groups.values() if g["name"].startswith("stage")]
         assert {g["lr_mult"] for g in stage if g["name"].startswith("stage1")} == {0.1}
@@ -109,7 +109,7 @@ def test_each_stage_waits_for_its_epoch_then_trains_on_schedule(tmp_path, config
 
 
 def test_a_stage_with_a_typo_fails_before_training(tmp_path, config, capsys):
-    config["unfreeze"]["stages"] = [{"epoch": 3, "select": "ehad"}]
+    config.unfreeze.stages = [{"epoch": 3, "select": "ehad"}]
     path = tmp_path / "bad.toml"
     path.write_text(to_toml(config))
     assert main(["--config", str(path), "train", "--out", str(tmp_path / "run")]) == 2
@@ -127,7 +127,7 @@ def test_a_stage_with_a_typo_fails_before_training(tmp_path, config, capsys):
     ],
 )
 def test_a_malformed_stage_is_an_error(config, stage, message):
-    config["unfreeze"]["stages"] = [stage]
+    config.unfreeze.stages = [stage]
     with pytest.raises(FreezeSpecError, match=message):
         train.prepare_model(config)
 
@@ -142,8 +142,8 @@ def test_keys_of_the_old_single_unfreeze_point_say_where_they_moved(tmp_path):
 def test_compiled_model_is_rebuilt_at_a_stage(tmp_path, config, monkeypatch):
     """torch.compile must not keep a graph made while the selection was frozen (pytorch#139476)."""
     first, a, b = stage_plan(config)
-    config["unfreeze"]["stages"] = [{"epoch": 1, "select": first}]
-    config["train"].update(compile=True, compile_backend="aot_eager")
+    config.unfreeze.stages = [{"epoch": 1, "select": first}]
+    vars(config.train).update(compile=True, compile_backend="aot_eager")
     shrink(config, 64, 32)
     seen, models = spy_on_epochs(monkeypatch)
     pretrained_like(tmp_path / "init.pt", config)
@@ -155,16 +155,16 @@ def test_compiled_model_is_rebuilt_at_a_stage(tmp_path, config, monkeypatch):
 
 def test_freeze_from_puts_another_runs_freeze_state_back(tmp_path, config, capsys):
     stage_plan(config)
-    config["unfreeze"]["stages"] = config["unfreeze"]["stages"][1:]  # the first stage only
+    config.unfreeze.stages = config.unfreeze.stages[1:]  # the first stage only
     first_run = tmp_path / "first"
     train.fit(config, first_run, epochs=2, device="cpu")
     saved = json.loads((first_run / "freeze_manifest.json").read_text())
     assert saved["stages_done"] == 1 and saved["frozen"], "the manifest should hold a part-frozen state"
 
     other = load_config()  # a different spec: the manifest must win
-    other["freeze"]["names"] = []
-    other["train"].update(config["train"])
-    other["data"].update(config["data"])
+    other.freeze.names = []
+    other.train = config.train
+    other.data = config.data
     path = tmp_path / "other.toml"
     path.write_text(to_toml(other))
     second_run = tmp_path / "second"
@@ -203,5 +203,5 @@ def test_resume_after_a_stage_keeps_the_released_part_training(tmp_path, config)
 
 def test_every_default_stage_resolves(config):
     model = build_model(config)
-    for i, stage in enumerate(parse_stages(config["unfreeze"]["stages"])):
+    for i, stage in enumerate(parse_stages(config.unfreeze.stages)):
         resolve(model, stage.select, f"stage {i}")

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import linear_probe_small_cnn
-from linear_probe_small_cnn.config import load_config
+from linear_probe_small_cnn.config import Config, load_config
 from linear_probe_small_cnn.data import DEFAULT_DATA, make_datasets
 from linear_probe_small_cnn.model import HEAD, build_model
 
@@ -30,21 +30,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def small_config() -> dict:
+def small_config() -> Config:
     """The packaged config with a dataset small enough for a test."""
     cfg = load_config()
-    cfg["train"].update(epochs=2, batch_size=32, image_size=32)
+    vars(cfg.train).update(epochs=2, batch_size=32, image_size=32)
     shrink(cfg, 256, 128)
     return cfg
 
 
-def shrink(config: dict, train_size: int, val_size: int) -> None:
+def shrink(config: Config, train_size: int, val_size: int) -> None:
     """A synthetic dataset of these sizes."""
-    config["data"].update(synthetic_train_size=train_size, synthetic_val_size=val_size)
+    vars(config.data).update(synthetic_train_size=train_size, synthetic_val_size=val_size)
 
 
 @pytest.fixture
-def config() -> dict:
+def config() -> Config:
     return small_config()
 
 
@@ -58,9 +58,9 @@ def toml_value(value: object) -> str:
     return json.dumps(value)
 
 
-def to_toml(config: dict) -> str:
+def to_toml(config: Config) -> str:
     lines = []
-    for section, values in config.items():
+    for section, values in config.to_dict().items():
         lines.append(f"[{section}]")
         lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
     return "\n".join(lines) + "\n"
@@ -70,7 +70,7 @@ def has_params(module: torch.nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
-def pretrained_like(path: Path, config: dict) -> dict[str, torch.Tensor]:
+def pretrained_like(path: Path, config: Config) -> dict[str, torch.Tensor]:
     """What a pretrained file is to a fine-tune, saved to `path`: features that fit the data, no head.
 
     One epoch of training on the synthetic data, everything trainable, then
@@ -81,17 +81,17 @@ def pretrained_like(path: Path, config: dict) -> dict[str, torch.Tensor]:
     The head's tensors are left out, as a file trained for another task has
     its own.
     """
-    torch.manual_seed(config["train"]["seed"])
+    torch.manual_seed(config.train.seed)
     model = build_model(config)
     train, _ = make_datasets(DEFAULT_DATA, config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
-    for inputs, labels in DataLoader(train, batch_size=config["train"]["batch_size"], shuffle=True):
+    for inputs, labels in DataLoader(train, batch_size=config.train.batch_size, shuffle=True):
         loss = torch.nn.functional.cross_entropy(model(inputs), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    torch.optim.swa_utils.update_bn(DataLoader(train, batch_size=config["train"]["batch_size"]), model)
+    torch.optim.swa_utils.update_bn(DataLoader(train, batch_size=config.train.batch_size), model)
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(HEAD + ".")}
     torch.save(state, path)
     return state
@@ -101,15 +101,15 @@ def frozen_names(model: torch.nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if not p.requires_grad]
 
 
-def linear_probe(config: dict, key: str) -> dict:
+def linear_probe(config: Config, key: str) -> Config:
     """Only the head trains and every BatchNorm outside it is fixed; `key` is the config's freeze list."""
-    config["freeze"][key] = ["head"]
-    config["freeze"]["bn_modes"] = {"type:BatchNorm2d": "eval+frozen_affine"}
-    config["unfreeze"]["stages"] = []
+    setattr(config.freeze, key, ["head"])
+    config.freeze.bn_modes = {"type:BatchNorm2d": "eval+frozen_affine"}
+    config.unfreeze.stages = []
     return config
 
 
-def fitted(config: dict, tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch, **options):
+def fitted(config: Config, tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch, **options):
     """fit(), and the model it trained."""
     from linear_probe_small_cnn import train
 

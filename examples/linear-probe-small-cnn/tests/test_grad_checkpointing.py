@@ -16,9 +16,9 @@ def test_checkpointed_blocks_behind_a_frozen_prefix_get_their_gradients(config):
     # parameters outside every block such as a ViT's position embedding).
     model = build_model(config)
     later = blocks_with_parameters(model)[1:]
-    config["freeze"]["keep_trainable"] = later
+    config.freeze.keep_trainable = later
     # BatchNorm that trains: the recompute must neither change the gradients nor count the batch twice.
-    config["freeze"]["bn_modes"] = {"type:BatchNorm2d": "train"}
+    config.freeze.bn_modes = {"type:BatchNorm2d": "train"}
     x = example_inputs(config, 4)
 
     def prepared():

@@ -14,8 +14,8 @@ from linear_probe_small_cnn.train import prepare_model
 
 
 def test_lr_mult_selectors_last_match_wins(config):
-    config["train"]["no_decay_norm_bias"] = False
-    config["train"]["lr_mult"] = {"*": 0.5, "head": 2.0}
+    config.train.no_decay_norm_bias = False
+    config.train.lr_mult = {"*": 0.5, "head": 2.0}
     model = build_model(config)
     groups = param_groups(model, config, [n for n, _ in model.named_parameters()], "all")
     rate = {p: g["lr_mult"] for g in groups for p in g["params"]}
@@ -26,8 +26,8 @@ def test_lr_mult_selectors_last_match_wins(config):
 
 
 def test_layer_decay_scales_each_block(config):
-    config["train"]["layer_decay"] = 0.5
-    config["train"]["no_decay_norm_bias"] = False
+    config.train.layer_decay = 0.5
+    config.train.no_decay_norm_bias = False
     model = build_model(config)
     blocks = blocks_with_parameters(model)
     assert HEAD == blocks[-1] or HEAD.startswith(blocks[-1] + "."), "the head is the last block"
@@ -45,6 +45,6 @@ def test_layer_decay_scales_each_block(config):
 
 
 def test_an_lr_mult_selector_with_a_typo_is_an_error(config):
-    config["train"]["lr_mult"] = {"ehad": 0.1}
+    config.train.lr_mult = {"ehad": 0.1}
     with pytest.raises(FreezeSpecError, match="train.lr_mult.*closest: head"):
         prepare_model(config)

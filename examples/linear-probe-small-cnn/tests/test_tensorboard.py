@@ -13,7 +13,7 @@ from linear_probe_small_cnn.train import fit
 def test_tensorboard_logs_every_metric_per_epoch(tmp_path, config):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config["log"]["tensorboard"] = True
+    config.log.tensorboard = True
     history = fit(config, tmp_path / "run", epochs=2, device="cpu")
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
@@ -24,7 +24,7 @@ def test_tensorboard_logs_every_metric_per_epoch(tmp_path, config):
 
 
 def test_tensorboard_without_the_package_fails_before_the_run_folder(tmp_path, config, monkeypatch):
-    config["log"]["tensorboard"] = True
+    config.log.tensorboard = True
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ConfigError, match=r"pip install -e '\.\[tensorboard\]'"):
         fit(config, tmp_path / "run", epochs=1, device="cpu")

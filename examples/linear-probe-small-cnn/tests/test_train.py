@@ -44,7 +44,7 @@ def test_train_writes_every_run_file(tmp_path, config, config_file):
 def test_synthetic_data_is_learnable_in_two_epochs(tmp_path, config):
     pretrained_like(tmp_path / "init.pt", config)
     history = fit(config, tmp_path / "run", epochs=2, init=tmp_path / "init.pt", device="cpu")
-    chance = 1 / config["model"]["num_classes"]
+    chance = 1 / config.model.num_classes
     assert history[-1]["val_acc"] > 2 * chance, history
 
 

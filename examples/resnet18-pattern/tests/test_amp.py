@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import fitted, shrink
 
-from resnet18_pattern.config import ConfigError
+from resnet18_pattern.config import ConfigError, load_config
 from resnet18_pattern.data import example_inputs
 from resnet18_pattern.optim import make_optimizer, optimizer_step
 from resnet18_pattern.train import amp_dtype, prepare_model, use_channels_last
 
 
 def test_bf16_autocast_on_the_cpu_trains_and_keeps_frozen_tensors(tmp_path, config, monkeypatch):
-    config["train"]["cpu_amp"] = True
-    assert amp_dtype(config["train"], torch.device("cpu")) is torch.bfloat16
-    torch.manual_seed(config["train"]["seed"])  # the initial weights fit() will build
+    config.train.cpu_amp = True
+    assert amp_dtype(config.train, torch.device("cpu")) is torch.bfloat16
+    torch.manual_seed(config.train.seed)  # the initial weights fit() will build
     model, _ = prepare_model(config)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     shrink(config, 64, 32)
@@ -25,13 +27,15 @@ def test_bf16_autocast_on_the_cpu_trains_and_keeps_frozen_tensors(tmp_path, conf
     assert all(torch.equal(value, after[n].detach()) for n, value in frozen.items())
 
 
-def test_precision_and_layout_defaults_per_device(config):
-    train_cfg = config["train"]
+def test_precision_and_layout_defaults_per_device(tmp_path, config):
+    train_cfg = config.train
     assert amp_dtype(train_cfg, torch.device("cpu")) is None, "the CPU runs fp32 unless cpu_amp is set"
-    assert amp_dtype({**train_cfg, "amp_dtype": "float16"}, torch.device("cuda")) is torch.float16
-    assert amp_dtype({**train_cfg, "amp": False}, torch.device("cuda")) is None
-    with pytest.raises(ConfigError, match="amp_dtype"):
-        amp_dtype({**train_cfg, "amp_dtype": "fp8"}, torch.device("cpu"))
+    assert amp_dtype(replace(train_cfg, amp_dtype="float16"), torch.device("cuda")) is torch.float16
+    assert amp_dtype(replace(train_cfg, amp=False), torch.device("cuda")) is None
+    path = tmp_path / "fp8.toml"
+    path.write_text('[train]\namp_dtype = "fp8"\nchannels_last = "yes"\n')
+    with pytest.raises(ConfigError, match='train.amp_dtype = .fp8.: must be "auto" or "bfloat16" or "float16"'):
+        load_config(path)
     model, _ = prepare_model(config)
     assert use_channels_last("auto", model, torch.device("cuda")) is True
     assert use_channels_last("auto", model, torch.device("cpu")) is False
@@ -58,9 +62,9 @@ def test_channels_last_computes_what_nchw_computes(tmp_path, config, monkeypatch
         # The floor: a random-init model whose gradients are all ~1e-12 is noise either way.
         assert error <= 3e-3 * grad.abs().max() + 1e-8, f"{name}: {error}"
 
-    torch.manual_seed(config["train"]["seed"])
+    torch.manual_seed(config.train.seed)
     frozen = {n: p.detach().clone() for n, p in prepare_model(config)[0].named_parameters() if not p.requires_grad}
-    config["train"]["channels_last"] = True
+    config.train.channels_last = True
     shrink(config, 64, 32)
     trained, history = fitted(config, tmp_path, "nhwc", monkeypatch, epochs=1)
     params = dict(trained.named_parameters())

@@ -28,7 +28,7 @@ STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 def with_mode(config, mode):
     """The render's own spec, with every BatchNorm layer put in `mode`."""
-    config["freeze"]["bn_modes"] = {"type:BatchNorm2d": mode}
+    config.freeze.bn_modes = {"type:BatchNorm2d": mode}
     model, _ = prepare_model(config)
     return model
 
@@ -52,7 +52,7 @@ def toggle(model):
 
 @pytest.mark.parametrize("mode", BN_MODES)
 def test_mode_survives_any_train_and_eval_calls(config, mode):
-    config["freeze"]["bn_modes"] = {"type:BatchNorm2d": mode}
+    config.freeze.bn_modes = {"type:BatchNorm2d": mode}
     model, state = prepare_model(config)
     toggle(model)
     layers = batchnorm_layers(model)
@@ -113,16 +113,16 @@ def test_the_policy_sets_the_default_mode_by_part(config):
 
 def test_later_selectors_override_earlier_ones(config):
     layers = list(batchnorm_layers(build_model(config)))
-    config["freeze"]["bn_modes"] = {"type:BatchNorm2d": "frozen", layers[-1]: "train"}
+    config.freeze.bn_modes = {"type:BatchNorm2d": "frozen", layers[-1]: "train"}
     model, state = prepare_model(config)
     assert state.bn_modes[layers[-1]] == "train" and state.bn_modes[layers[0]] == "frozen"
 
 
 def test_a_bad_mode_or_a_selector_without_batchnorm_is_an_error(config):
-    config["freeze"]["bn_modes"] = {"type:BatchNorm2d": "fixed"}
+    config.freeze.bn_modes = {"type:BatchNorm2d": "fixed"}
     with pytest.raises(FreezeSpecError, match="a mode is one of train, eval"):
         prepare_model(config)
-    config["freeze"]["bn_modes"] = {"type:Linear": "eval"}
+    config.freeze.bn_modes = {"type:Linear": "eval"}
     with pytest.raises(FreezeSpecError, match="holds no BatchNorm layer"):
         prepare_model(config)
 

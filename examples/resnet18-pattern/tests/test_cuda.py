@@ -16,7 +16,7 @@ from resnet18_pattern.train import fit
 def test_cuda_run_with_amp_keeps_frozen_tensors(tmp_path, config):
     init = pretrained_like(tmp_path / "init.pt", config)
     history = fit(config, tmp_path / "run", epochs=2, init=tmp_path / "init.pt", device="cuda")
-    assert history[-1]["val_acc"] > 1 / config["model"]["num_classes"]
+    assert history[-1]["val_acc"] > 1 / config.model.num_classes
     manifest = json.loads((tmp_path / "run" / "freeze_manifest.json").read_text())
     final = read_state_dict(tmp_path / "run" / "last.ckpt")
     for name in manifest["frozen"]:
@@ -27,8 +27,8 @@ def test_cuda_run_with_amp_keeps_frozen_tensors(tmp_path, config):
 def test_torchrun_trains_on_every_gpu_with_nccl(tmp_path, config):
     """One process per GPU (one GPU is enough), AMP on, SyncBatchNorm for the BN that trains."""
     gpus = torch.cuda.device_count()
-    config["train"]["sync_bn"] = True
-    config["train"]["batch_size"] = 16 * gpus
+    config.train.sync_bn = True
+    config.train.batch_size = 16 * gpus
     config_file = tmp_path / "config.toml"
     config_file.write_text(to_toml(config))
     out = tmp_path / "run"

@@ -45,11 +45,11 @@ def test_validation_preprocessing_is_the_weights_own():
 
 
 def test_an_image_folder_trains_with_augmentation(tmp_path, config):
-    root = image_folder(tmp_path / "images", classes=config["model"]["num_classes"])
+    root = image_folder(tmp_path / "images", classes=config.model.num_classes)
     train, val = make_datasets(str(root), config)
     x, y = train[0]
-    assert x.shape == (3, config["train"]["image_size"], config["train"]["image_size"]) and y == 0
-    assert len(train) == len(val) == 2 * config["model"]["num_classes"]
+    assert x.shape == (3, config.train.image_size, config.train.image_size) and y == 0
+    assert len(train) == len(val) == 2 * config.model.num_classes
 
 
 def test_a_missing_folder_is_named(tmp_path, config):

@@ -11,6 +11,7 @@ import torch
 from conftest import shrink, to_toml, torchrun
 
 from resnet18_pattern.checkpoint import RunFiles
+from resnet18_pattern.config import Config
 
 # Every test here starts torchrun: seconds of process-group setup each.
 pytestmark = pytest.mark.slow
@@ -26,9 +27,11 @@ HARNESS = textwrap.dedent(
     import torch
 
     from resnet18_pattern import train
+    from resnet18_pattern.config import from_dict
     from resnet18_pattern.distributed import stop
 
-    config, out, dump, options = json.loads(sys.argv[1]), sys.argv[2] or None, sys.argv[3], json.loads(sys.argv[4])
+    config = from_dict(json.loads(sys.argv[1]))
+    out, dump, options = sys.argv[2] or None, sys.argv[3], json.loads(sys.argv[4])
     models = []
     prepare = train.prepare_model
 
@@ -46,18 +49,19 @@ HARNESS = textwrap.dedent(
 
 
 def ddp_fit(
-    tmp_path: Path, config: dict, out: Path | None, processes: int = PROCESSES, **options
+    tmp_path: Path, config: Config, out: Path | None, processes: int = PROCESSES, **options
 ) -> list[dict[str, torch.Tensor]]:
     """fit() under torchrun; every rank's final state_dict, in rank order."""
     harness, dump = tmp_path / "harness.py", tmp_path / f"ranks-of-{processes}"
     harness.write_text(HARNESS)
     dump.mkdir(exist_ok=True)
-    torchrun(str(harness), json.dumps(config), str(out or ""), str(dump), json.dumps(options), processes=processes)
+    arguments = [json.dumps(config.to_dict()), str(out or ""), str(dump), json.dumps(options)]
+    torchrun(str(harness), *arguments, processes=processes)
     return [torch.load(dump / f"rank{rank}.pt", weights_only=True) for rank in range(processes)]
 
 
 @pytest.fixture
-def config(config: dict) -> dict:
+def config(config: Config) -> Config:
     # 16 samples per process and step; both datasets split evenly over the ranks.
     shrink(config, 128, 64)
     return config
@@ -72,7 +76,7 @@ def test_every_rank_ends_with_identical_weights(tmp_path, config):
     for key, value in ranks[0].items():
         assert torch.equal(value, ranks[1][key]), f"{key} differs between rank 0 and rank 1"
     saved = torch.load(out / "last.ckpt", weights_only=True)
-    assert saved["epoch"] == config["train"]["epochs"] - 1 and len(saved["rng"]) == PROCESSES
+    assert saved["epoch"] == config.train.epochs - 1 and len(saved["rng"]) == PROCESSES
     for key, value in ranks[0].items():
         assert torch.equal(value, saved["model"][key]), key
 
@@ -105,7 +109,7 @@ def test_rank_0_alone_chooses_the_checkpoint_to_resume(tmp_path, config_file):
 
 
 def test_sync_bn_is_refused_on_cpu_before_anything_is_written(tmp_path, config):
-    config["train"]["sync_bn"] = True
+    config.train.sync_bn = True
     config_file = tmp_path / "config.toml"
     config_file.write_text(to_toml(config))
     out = tmp_path / "run"

@@ -75,3 +75,17 @@ def test_fold_bn_export_has_no_batchnorm_left_and_still_matches(tmp_path, config
     x = example_inputs(config, 3)
     with torch.no_grad():
         assert torch.allclose(torch.export.load(out).module()(x), model.eval()(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
+def test_a_failed_check_leaves_the_earlier_export_as_it_was(tmp_path, config, monkeypatch, fmt):
+    from resnet18_pattern import export as exporting
+
+    out = tmp_path / f"m.{fmt}"
+    export(build_model(config), fmt, out, example_inputs(config, 2))
+    before = out.read_bytes()
+    monkeypatch.setattr(exporting, "TOLERANCE", -1.0)  # no export can pass: the check must fail
+    with pytest.raises(ExportError, match="differs from eager"):
+        export(build_model(config), fmt, out, example_inputs(config, 2))
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [out.name], "a temp file was left"

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
 from conftest import linear_probe
 
-from resnet18_pattern.config import ConfigError
 from resnet18_pattern.data import example_inputs
 from resnet18_pattern.distributed import SINGLE, World
 from resnet18_pattern.model import HEAD
@@ -31,5 +29,3 @@ def test_loader_workers_fit_the_data():
     assert loader_workers("auto", "synthetic", SINGLE) == 0, "synthetic data is in memory"
     assert 1 <= loader_workers("auto", "/data/images", SINGLE) <= 8
     assert loader_workers("auto", "/data/images", World(rank=0, size=64)) == 1
-    with pytest.raises(ConfigError, match="num_workers"):
-        loader_workers(-1, "synthetic", SINGLE)

@@ -40,7 +40,7 @@ def test_progress_bars_only_for_a_person_at_a_terminal(monkeypatch):
 def test_the_bar_shows_loss_accuracy_and_images_per_second(config, capsys):
     model, _ = prepare_model(config)
     train_set, _ = make_datasets(DEFAULT_DATA, config)
-    loader = DataLoader(train_set, batch_size=config["train"]["batch_size"])
+    loader = DataLoader(train_set, batch_size=config.train.batch_size)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     optimizer = make_optimizer(model, config)
     loss, correct, count = train_one_epoch(model, loader, optimizer, scaler, torch.device("cpu"), None, "epoch 0")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import frozen_names, has_params, to_toml
@@ -121,14 +123,13 @@ def test_a_spec_that_freezes_everything_is_refused(model):
 
 
 def test_bad_spec_exits_nonzero_and_writes_no_run_folder(tmp_path, config, capsys):
-    bad = dict(config)
-    bad["freeze"] = {**config["freeze"], "patterns": ["cf"]}
+    typo = "cf"
+    bad = replace(config, freeze=replace(config.freeze, patterns=[typo]))
     path = tmp_path / "bad.toml"
     path.write_text(to_toml(bad))
     out = tmp_path / "run"
     assert main(["--config", str(path), "train", "--out", str(out)]) == 2
     assert not out.exists()
-    typo = "cf"
     assert f"error: freeze.patterns: '{typo}' matches no module" in capsys.readouterr().err
 
 
@@ -148,4 +149,4 @@ def test_layers_spec_is_a_dry_run_with_counts(config_file, capsys, model):
 
 def test_the_config_spec_is_read_as_selectors(config):
     spec = freeze_spec(config)
-    assert spec == config["freeze"]["patterns"]
+    assert spec == config.freeze.patterns

@@ -17,9 +17,9 @@ def test_checkpointed_blocks_behind_a_frozen_prefix_get_their_gradients(config):
     model = build_model(config)
     later = blocks_with_parameters(model)[1:]
     prefix = [n for n, _ in model.named_parameters() if not n.startswith(tuple(b + "." for b in later))]
-    config["freeze"]["patterns"] = prefix
+    config.freeze.patterns = prefix
     # BatchNorm that trains: the recompute must neither change the gradients nor count the batch twice.
-    config["freeze"]["bn_modes"] = {"type:BatchNorm2d": "train"}
+    config.freeze.bn_modes = {"type:BatchNorm2d": "train"}
     x = example_inputs(config, 4)
 
     def prepared():

@@ -14,7 +14,7 @@ from resnet18_pattern.model import HEAD, PretrainedWeightsError, build_model
 
 def test_head_has_one_output_per_class(config):
     model = build_model(config)
-    num_classes = config["model"]["num_classes"]
+    num_classes = config.model.num_classes
     assert model.get_submodule(HEAD).out_features == num_classes
     assert model.eval()(example_inputs(config, 2)).shape == (2, num_classes)
 

@@ -19,7 +19,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def run(tmp_path_factory):
     """A finished 2-epoch run folder and its history."""
     config = small_config()
-    config["unfreeze"]["stages"][0]["epoch"] = 1
+    config.unfreeze.stages[0]["epoch"] = 1
     out = tmp_path_factory.mktemp("run")
     return out, fit(config, out, epochs=2, device="cpu")
 

@@ -16,7 +16,7 @@ from teaching_small_cnn.train import fit
 def test_cuda_run_keeps_frozen_tensors(tmp_path, config):
     init = pretrained_like(tmp_path / "init.pt", config)
     history = fit(config, tmp_path / "run", epochs=2, init=tmp_path / "init.pt", device="cuda")
-    assert history[-1]["val_acc"] > 1 / config["model"]["num_classes"]
+    assert history[-1]["val_acc"] > 1 / config.model.num_classes
     manifest = json.loads((tmp_path / "run" / "freeze_manifest.json").read_text())
     final = read_state_dict(tmp_path / "run" / "last.ckpt")
     for name in manifest["frozen"]:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
 from conftest import linear_probe
 
-from teaching_small_cnn.config import ConfigError
 from teaching_small_cnn.data import example_inputs
 from teaching_small_cnn.model import HEAD
 from teaching_small_cnn.train import loader_workers, prepare_model
@@ -29,5 +27,3 @@ def test_a_frozen_prefix_builds_no_autograd_graph(config):
 def test_loader_workers_fit_the_data():
     assert loader_workers("auto", "synthetic") == 0, "synthetic data is in memory"
     assert 1 <= loader_workers("auto", "/data/images") <= 8
-    with pytest.raises(ConfigError, match="num_workers"):
-        loader_workers(-1, "synthetic")

@@ -26,13 +26,13 @@ def test_two_groups_split_by_weight_decay_only(config):
     assert all(params[n].ndim <= 1 for n in names_in(model, groups["trainable no_decay"]))
     assert all(params[n].ndim > 1 for n in names_in(model, groups["trainable"]))
     assert groups["trainable no_decay"]["weight_decay"] == 0.0
-    assert groups["trainable"]["weight_decay"] == config["train"]["weight_decay"]
-    config["train"]["no_decay_norm_bias"] = False
+    assert groups["trainable"]["weight_decay"] == config.train.weight_decay
+    config.train.no_decay_norm_bias = False
     assert [g["name"] for g in make_optimizer(model, config).param_groups] == ["trainable"]
 
 
 def test_frozen_parameters_never_enter_any_group(config):
-    config["freeze"]["bn_modes"] = {"type:BatchNorm2d": "eval+frozen_affine"}
+    config.freeze.bn_modes = {"type:BatchNorm2d": "eval+frozen_affine"}
     model, _ = prepare_model(config)
     held = {n for g in make_optimizer(model, config).param_groups for n in names_in(model, g)}
     assert held == set(trainable_names(model))

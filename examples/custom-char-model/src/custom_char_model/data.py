@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from .config import Config
 from .model import import_factory
 
 DATA_FACTORY = "custom_char_model.char_model:datasets"
@@ -16,10 +17,10 @@ class DataError(ValueError):
     pass
 
 
-def make_datasets(data: str, config: dict) -> tuple[Dataset, Dataset]:
+def make_datasets(data: str, config: Config) -> tuple[Dataset, Dataset]:
     if data != DEFAULT_DATA:
         raise DataError(f"--data {data}: this project's data comes from custom_data = {DATA_FACTORY} (--data custom)")
-    result = import_factory(DATA_FACTORY, "custom_data")(config["model"]["num_classes"])
+    result = import_factory(DATA_FACTORY, "custom_data")(config.model.num_classes)
     if not (isinstance(result, tuple) and len(result) == 2):
         raise DataError(f"custom_data {DATA_FACTORY} must return (train_dataset, val_dataset), got {type(result)}")
     for split, dataset in zip(("train", "val"), result, strict=True):
@@ -28,7 +29,7 @@ def make_datasets(data: str, config: dict) -> tuple[Dataset, Dataset]:
     return result
 
 
-def example_inputs(config: dict, count: int) -> torch.Tensor:
+def example_inputs(config: Config, count: int) -> torch.Tensor:
     """`count` inputs from the custom_data training set: what export traces and the tests feed the model."""
     train, _ = make_datasets(DEFAULT_DATA, config)
     return torch.stack([train[i][0] for i in range(count)])

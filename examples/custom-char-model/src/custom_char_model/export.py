@@ -8,14 +8,16 @@ about in production.
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .batchnorm import fold_batchnorm, plain_batchnorm
-from .checkpoint import atomic_path, atomic_write
+from .checkpoint import atomic_path
 
 FORMATS = ("pt2", "onnx", "torchscript")
 # fp32 kernels of one model differ in summation order between runtimes; more
@@ -33,39 +35,63 @@ def export(model: nn.Module, fmt: str, out: str | Path, example: torch.Tensor, f
     Any FrozenBatchNorm or fixed-statistics layer becomes plain BatchNorm
     first, so runtimes see a standard op; `fold_bn` then folds each BatchNorm
     that follows a convolution into it. The difference is measured against
-    the model as given, so a wrong fold fails like a wrong export.
+    the model as given, so a wrong fold fails like a wrong export. The file
+    is checked while it is still a temp file: a failed check leaves an earlier
+    `out` as it was.
     """
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     model = plain_batchnorm(model).eval()
-    # Batch size stays free in the exported graph; everything else is fixed.
-    batch = torch.export.Dim("batch", min=1)
     out = Path(out)
+    errors: list[float] = []
     with torch.no_grad():
         expected = model(example)
         if fold_bn:
             fold_batchnorm(model)
-        if fmt == "pt2":
-            program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-            atomic_write(out, lambda f: torch.export.save(program, f))
-            got = torch.export.load(out).module()(example)
-        elif fmt == "torchscript":
-            # TorchScript is deprecated in torch; it is here for runtimes
-            # that still read only it. Prefer pt2.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                traced = torch.jit.trace(model, example)
-                atomic_write(out, lambda f: torch.jit.save(traced, f))
-                got = torch.jit.load(out)(example)
-        elif fmt == "onnx":
-            got = _export_onnx(model, example, {0: batch}, out)
-        else:
-            raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    error = (got - expected).abs().max().item()
-    if not error <= TOLERANCE:
-        raise ExportError(f"{out}: the {fmt} export differs from the eager model by {error:.3g} (> {TOLERANCE})")
-    return error
+        write, run = _writer(model, fmt, example)
+
+        def check(tmp: Path) -> None:
+            error = (run(tmp) - expected).abs().max().item()
+            if not error <= TOLERANCE:
+                raise ExportError(f"{out}: the {fmt} export differs from eager by {error:.3g} (> {TOLERANCE})")
+            errors.append(error)
+
+        with atomic_path(out, before_replace=check) as tmp:
+            write(tmp)
+    return errors[0]
 
 
-def _export_onnx(model: nn.Module, example: torch.Tensor, dims: dict, out: Path) -> torch.Tensor:
+def _writer(model: nn.Module, fmt: str, example: torch.Tensor) -> tuple[Callable, Callable]:
+    """(write the export to a path, run the file at a path on `example`) for one format."""
+    # Batch size stays free in the exported graph; everything else is fixed.
+    batch = torch.export.Dim("batch", min=1)
+    if fmt == "pt2":
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        return (lambda path: torch.export.save(program, path)), (lambda path: torch.export.load(path).module()(example))
+    if fmt == "torchscript":
+        return _torchscript_writer(model, example)
+    return _onnx_writer(model, example, {0: batch})
+
+
+def _torchscript_writer(model: nn.Module, example: torch.Tensor) -> tuple[Callable, Callable]:
+    # TorchScript is deprecated in torch, and each of its calls says so; it is
+    # here for runtimes that still read only it. Prefer pt2.
+    quiet = functools.partial(warnings.catch_warnings, action="ignore", category=FutureWarning)
+    with quiet():
+        traced = torch.jit.trace(model, example)
+
+    def write(path: Path) -> None:
+        with quiet():
+            torch.jit.save(traced, str(path))
+
+    def run(path: Path) -> torch.Tensor:
+        with quiet():
+            return torch.jit.load(str(path))(example)
+
+    return write, run
+
+
+def _onnx_writer(model: nn.Module, example: torch.Tensor, dims: dict) -> tuple[Callable, Callable]:
     try:
         import onnxruntime
         import onnxscript  # noqa: F401 - torch.onnx's exporter needs it
@@ -75,8 +101,10 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, dims: dict, out: Path)
             "(pip install -e '.[onnx]') or pip install onnx onnxscript onnxruntime"
         ) from None
     program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=(dims,), verbose=False)
-    with atomic_path(out) as tmp:
-        program.save(str(tmp))
-    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    (result,) = session.run(None, {session.get_inputs()[0].name: example.numpy()})
-    return torch.from_numpy(result)
+
+    def run(path: Path) -> torch.Tensor:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (result,) = session.run(None, {session.get_inputs()[0].name: example.numpy()})
+        return torch.from_numpy(result)
+
+    return (lambda path: program.save(str(path))), run

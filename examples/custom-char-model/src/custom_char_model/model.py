@@ -7,7 +7,7 @@ from importlib import import_module
 
 from torch import nn
 
-from .config import ConfigError
+from .config import Config, ConfigError
 
 HEAD = "head"
 # The model's blocks are its top-level children (train.layer_decay and train.grad_checkpointing
@@ -36,9 +36,9 @@ def import_factory(path: str, answer: str):
     return getattr(module, attr)
 
 
-def build_model(config: dict) -> nn.Module:
+def build_model(config: Config) -> nn.Module:
     """Your model, from `custom_char_model.char_model:build_model(num_classes)`; its `head` makes the logits."""
-    model = import_factory(MODEL_FACTORY, "custom_model")(config["model"]["num_classes"])
+    model = import_factory(MODEL_FACTORY, "custom_model")(config.model.num_classes)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"custom_model {MODEL_FACTORY} returned {type(model).__name__}, not an nn.Module")
     try:

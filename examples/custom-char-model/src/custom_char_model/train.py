@@ -10,6 +10,7 @@ distributed.py for what changes then.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -20,15 +21,15 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from .checkpoint import RunFiles, atomic_write, load_resume, torch_bytes, torch_load
-from .config import ConfigError
+from .checkpoint import RunFiles, atomic_write, load_resume, non_finite, torch_bytes, torch_load
+from .config import Config, ConfigError, TrainConfig, check, from_dict
 from .data import DEFAULT_DATA, make_datasets
 from .distributed import SINGLE, World, all_sum, check_in_sync, gather, on_main, start, sync_buffers, wrap
 from .features import CachedBatches, build_cache, cache_decision, cache_risks
@@ -57,7 +58,20 @@ from .optim import (
     trainable_names,
 )
 from .rng import restore_rng, rng_state, seed_everything
+from .runfolder import check_free, claim
 from .weights import load_init
+
+# How often a step reads back whether the loss stayed finite.
+CHECK_EVERY = 16
+
+
+class DivergedError(RuntimeError):
+    """The loss or the weights stopped being finite: nothing of that epoch is saved."""
+
+
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: every save either finished or left the previous file; its text says how to go on."""
+
 
 # New columns go at the end: scripts that read metrics.csv by position keep working.
 METRIC_COLUMNS = (
@@ -71,12 +85,10 @@ METRIC_COLUMNS = (
     "images_per_s",
     "trainable_params",
 )
-# Metrics best.* can be chosen by; checkpoint.mode says whether more is better.
-MONITORS = ("val_acc", "val_loss", "train_loss")
 
 
 def prepare_model(
-    config: dict,
+    config: Config,
     init: str | Path | None = None,
     sync_bn: bool = False,
     freeze_from: str | Path | None = None,
@@ -88,7 +100,7 @@ def prepare_model(
     """
     model = build_model(config)
     if init is not None:
-        load_init(model, init, config["init"])
+        load_init(model, init, config.init)
     if sync_bn:
         # Before the BatchNorm modes, so layers they fix stay in eval mode and
         # never synchronise: only BatchNorm that trains pays for the all-reduce.
@@ -97,16 +109,16 @@ def prepare_model(
         state = read_manifest(model, freeze_from)
         apply(model, state)
     else:
-        state = freeze(model, freeze_spec(config), config["freeze"]["bn_modes"], "freeze.names")
-    check_stages(model, parse_stages(config["unfreeze"]["stages"]))
+        state = freeze(model, freeze_spec(config), config.freeze.bn_modes, "freeze.names")
+    check_stages(model, parse_stages(config.unfreeze.stages))
     lr_factors(model, config)
-    if config["train"]["grad_checkpointing"]:
+    if config.train.grad_checkpointing:
         checkpoint_blocks(model)
     return model, state
 
 
-def freeze_spec(config: dict) -> list[Selector]:
-    return list(config["freeze"]["names"])
+def freeze_spec(config: Config) -> list[Selector]:
+    return list(config.freeze.names)
 
 
 def read_manifest(model: nn.Module, path: str | Path) -> FreezeState:
@@ -121,7 +133,7 @@ def read_manifest(model: nn.Module, path: str | Path) -> FreezeState:
     return state
 
 
-def make_net(model: nn.Module, world: World, device: torch.device, config: dict) -> nn.Module:
+def make_net(model: nn.Module, world: World, device: torch.device, config: Config) -> nn.Module:
     """What the training step calls: the model, wrapped for DDP and compiled when asked.
 
     Rebuilt after every unfreeze stage: a DDP wrapper registers only the
@@ -129,28 +141,26 @@ def make_net(model: nn.Module, world: World, device: torch.device, config: dict)
     can keep the old requires_grad flags (pytorch#139476), so both go.
     """
     net = wrap(model, world, device)
-    if config["train"]["compile"]:
+    if config.train.compile:
         torch.compiler.reset()
-        net = torch.compile(net, backend=config["train"]["compile_backend"])
+        net = torch.compile(net, backend=config.train.compile_backend)
     return net
 
 
-def amp_dtype(train_cfg: dict, device: torch.device) -> torch.dtype | None:
+def amp_dtype(train_cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for this device, or None for full precision.
 
     CUDA (train.amp): bf16 where the GPU has it (no loss scaling needed),
     else fp16 with GradScaler. CPU (train.cpu_amp, off by default): bf16,
     which pays off only on CPUs with bf16 instructions.
     """
-    choice = train_cfg["amp_dtype"]
+    choice = train_cfg.amp_dtype
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-    if choice != "auto" and choice not in dtypes:
-        raise ConfigError(f'train.amp_dtype must be "auto", "bfloat16" or "float16", got {choice!r}')
-    if device.type == "cuda" and train_cfg["amp"]:
+    if device.type == "cuda" and train_cfg.amp:
         if choice == "auto":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return dtypes[choice]
-    if device.type == "cpu" and train_cfg["cpu_amp"]:
+    if device.type == "cpu" and train_cfg.cpu_amp:
         return torch.bfloat16
     return None
 
@@ -159,8 +169,6 @@ def use_channels_last(setting: str | bool, model: nn.Module, device: torch.devic
     """With "auto", on for a convolutional model on CUDA, where cuDNN's fastest kernels want NHWC."""
     if setting == "auto":
         return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
-    if not isinstance(setting, bool):
-        raise ConfigError(f'train.channels_last must be true, false or "auto", got {setting!r}')
     return setting
 
 
@@ -168,8 +176,6 @@ def loader_workers(setting: str | int, data: str, world: World) -> int:
     """With "auto", none: custom_data's datasets are taken to be in memory (set a number for one that reads files)."""
     if setting == "auto":
         return 0
-    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
-        raise ConfigError(f'train.num_workers must be "auto" or an integer >= 0, got {setting!r}')
     return setting
 
 
@@ -197,6 +203,9 @@ def train_one_epoch(
     # Summed on the device: reading a number every step would wait for the GPU.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    # The first step whose loss is not finite, kept on the device and read
+    # every CHECK_EVERY steps: no wait for the GPU at every step.
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
     count = 0
     bar = tqdm(loader, desc=desc, disable=desc is None, leave=False, unit="batch", dynamic_ncols=True)
     started = time.perf_counter()
@@ -212,6 +221,9 @@ def train_one_epoch(
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         count += len(labels)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+        if step % CHECK_EVERY == 0:
+            stop_if_diverged(first_bad)
         if not bar.disable:
             bar.set_postfix(
                 loss=f"{loss_sum.item() / count:.4f}",
@@ -221,7 +233,17 @@ def train_one_epoch(
                 # would otherwise end before its numbers were ever shown.
                 refresh=step == bar.total,
             )
+    stop_if_diverged(first_bad)
     return loss_sum.item(), int(correct.item()), count
+
+
+def stop_if_diverged(first_bad: torch.Tensor) -> None:
+    step = int(first_bad.item())
+    if step >= 0:
+        raise DivergedError(
+            f"step {step}: the loss is not finite; lower train.lr"
+            " (with fp16 autocast, try amp_dtype = 'bfloat16' or amp = false)"
+        )
 
 
 def to_device(inputs: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -270,7 +292,7 @@ def write_metrics(path: Path, history: list[dict[str, float]]) -> None:
 class Run:
     """Everything one training run holds between epochs."""
 
-    config: dict
+    config: Config
     data: str
     epochs: int
     out: Path
@@ -294,14 +316,19 @@ class Run:
     val_loader: DataLoader | None = None
     caching: bool = False
     cache: tuple[CachedBatches, CachedBatches] | None = None
+    board_writer: Any = None
     board: Any = None
+    lock: IO[str] | None = None
+    saved: int | None = None  # the last epoch whose files are all written
+    checkpoint: dict[str, Any] | None = None
+    resumed_from: Path | None = None
     first: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     best_value: float = math.nan
 
 
 def fit(
-    config: dict,
+    config: Config | None,
     out: str | Path | None,
     *,
     data: str = DEFAULT_DATA,
@@ -311,6 +338,7 @@ def fit(
     stop_after: int | None = None,
     device: str | None = None,
     freeze_from: str | Path | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, float]]:
     """Train and write the run folder; return one metrics row per epoch.
 
@@ -318,39 +346,103 @@ def fit(
     schedule planned for `epochs`: resume later with --resume.
     `resume` is a full checkpoint or a run folder (its newest checkpoint that
     matches checkpoints.json); `out` then defaults to that checkpoint's folder.
+    A resume trains on with the config saved in the checkpoint; `config`, if
+    given, may differ from it only in keys that cannot change the result.
     `freeze_from` is a freeze_manifest.json whose freeze state replaces the
-    config's spec.
+    config's spec. `overwrite` deletes the run a folder holds and starts over.
     Under torchrun every process runs this with its share of each batch
     (`train.batch_size` is the global batch); rank 0 alone writes and prints.
     """
-    run = start_run(config, out, data, epochs, init, resume, device, freeze_from)
-    for ran, epoch in enumerate(range(run.first, run.epochs), 1):
-        begin_stages(run, epoch)
-        row = run_epoch(run, epoch)
-        record(run, row)
-        save(run, row)
-        if stop_after is not None and ran >= stop_after:
-            break
-    if run.board is not None:
-        run.board.close()
+    asked = Asked(out, data, epochs, init, resume, device, freeze_from, overwrite)
+    run = start_run(config, asked)
+    try:
+        open_run(run, asked)
+        for ran, epoch in enumerate(range(run.first, run.epochs), 1):
+            begin_stages(run, epoch)
+            try:
+                row = run_epoch(run, epoch)
+            except DivergedError as err:
+                raise DivergedError(f"epoch {epoch}, {err}") from None
+            record(run, row)
+            save(run, row)
+            if stop_after is not None and ran >= stop_after:
+                break
+    except KeyboardInterrupt:
+        raise Stopped(stopped_line(run)) from None
+    finally:
+        if run.board is not None:
+            run.board.close()
+        if run.lock is not None:
+            run.lock.close()
     return run.history
 
 
-def check_config(config: dict, world: World, device: torch.device) -> None:
-    """The checks that need no model, before anything is built or written."""
-    train_cfg = config["train"]
-    if train_cfg["batch_size"] % world.size:
-        raise ConfigError(f"train.batch_size {train_cfg['batch_size']} does not split over {world.size} processes")
-    if train_cfg["sync_bn"] and world.distributed and device.type != "cuda":
+def stopped_line(run: Run) -> str:
+    if run.saved is None:
+        return f"stopped before the first epoch was saved; {run.out} holds no trained weights"
+    last = run.saved
+    return f"stopped after epoch {last}, whose files are intact; continue with --resume {run.out}"
+
+
+@dataclass
+class Asked:
+    """What the caller asked for, as `fit` takes it."""
+
+    out: str | Path | None
+    data: str
+    epochs: int | None
+    init: str | Path | None
+    resume: str | Path | None
+    device: str | None
+    freeze_from: str | Path | None
+    overwrite: bool
+
+
+def check_config(config: Config, epochs: int, world: World, device: torch.device) -> None:
+    """Every value of the config (config.check), then what depends on this run, before anything is written."""
+    check(config)
+    if epochs < 1:
+        raise ConfigError(f"--epochs {epochs}: at least 1")
+    if config.train.batch_size % world.size:
+        raise ConfigError(f"train.batch_size = {config.train.batch_size}: does not split over {world.size} processes")
+    if config.train.sync_bn and world.distributed and device.type != "cuda":
         raise ConfigError("train.sync_bn needs CUDA: SyncBatchNorm does not run on CPU; set it to false")
-    monitor, mode = config["checkpoint"]["monitor"], config["checkpoint"]["mode"]
-    if monitor not in MONITORS or mode not in ("min", "max"):
-        raise ConfigError(
-            f"checkpoint.monitor must be one of {', '.join(MONITORS)} and checkpoint.mode min or max; "
-            f"got {monitor!r}, {mode!r}"
-        )
-    if config["checkpoint"]["keep_last_k"] < 0:
-        raise ConfigError(f"checkpoint.keep_last_k must be 0 or more, got {config['checkpoint']['keep_last_k']}")
+
+
+# Keys that cannot change what a run computes: a resume may take new values for them.
+FREE_ON_RESUME = ("train.num_workers", "checkpoint.keep_last_k", "log.tensorboard")
+
+
+def resumed_config(config: Config | None, asked: Asked, world: World) -> tuple[Config, dict[str, Any], Path]:
+    """The checkpoint to resume, and the config that trained it.
+
+    A config passed now must agree with the saved one in every key that
+    changes the training trajectory; each difference is listed as old -> new.
+    """
+    if asked.freeze_from is not None or asked.init is not None:
+        what = "--freeze-from" if asked.freeze_from is not None else "--init"
+        raise ConfigError(f"{what} starts a new run and --resume continues one; pass one of them")
+    path, checkpoint = find_checkpoint(asked.resume, world)
+    try:
+        saved = from_dict(checkpoint["config"])
+    except (ConfigError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path}: its config does not fit this project ({err})") from None
+    now = config.to_dict() if config is not None else saved.to_dict()
+    if asked.epochs is not None:
+        now["train"]["epochs"] = asked.epochs
+    old = saved.to_dict()
+    changed = [
+        f"{section}.{key}: {value!r} -> {now[section][key]!r}"
+        for section, values in old.items()
+        for key, value in values.items()
+        if now[section][key] != value and f"{section}.{key}" not in FREE_ON_RESUME
+    ]
+    if changed:
+        raise ConfigError(f"--resume {path} was trained with another config; it would change " + "; ".join(changed))
+    for name in FREE_ON_RESUME:
+        section, key = name.split(".")
+        setattr(getattr(saved, section), key, now[section][key])
+    return saved, checkpoint, path
 
 
 def find_checkpoint(resume: str | Path, world: World) -> tuple[Path, dict[str, Any]]:
@@ -369,64 +461,65 @@ def find_checkpoint(resume: str | Path, world: World) -> tuple[Path, dict[str, A
     return path, chosen["checkpoint"] if world.main else torch_load(path)
 
 
-def start_run(
-    config: dict,
-    out: str | Path | None,
-    data: str,
-    epochs: int | None,
-    init: str | Path | None,
-    resume: str | Path | None,
-    device: str | None,
-    freeze_from: str | Path | None,
-) -> Run:
-    """Everything that can reject the input runs before the run folder exists; then the folder and the loaders."""
-    world, dev = start(device)
-    seed = config["train"]["seed"]
-    # The model starts the same on every rank; what a step draws (dropout,
-    # augmentation) is seeded per rank below.
-    seed_everything(seed)
-    check_config(config, world, dev)
-    board_writer = tensorboard_writer() if config["log"]["tensorboard"] and world.main else None
-    checkpoint = None
-    if resume is not None:
-        if freeze_from is not None:
-            raise ConfigError("--freeze-from starts a new run and --resume continues one; pass one of them")
-        resume, checkpoint = find_checkpoint(resume, world)
-        out = out or resume.parent
+def start_run(config: Config | None, asked: Asked) -> Run:
+    """Everything that can reject the input, before the run folder is touched: the config, the model, the data."""
+    world, dev = start(asked.device)
+    checkpoint = resume = out = None
+    if asked.resume is not None:
+        config, checkpoint, resume = resumed_config(config, asked, world)
+        out = resume.parent
+    if config is None:
+        raise ConfigError("no config: pass one, or --resume a run")
+    # The run's own copy, with the epochs it plans for: what the checkpoints record.
+    config = copy.deepcopy(config)
+    config.train.epochs = config.train.epochs if asked.epochs is None else asked.epochs
+    check_config(config, config.train.epochs, world, dev)
+    out = asked.out or out
     if out is None:
         raise ConfigError("no run folder: pass --out or --resume")
-    sync_bn = config["train"]["sync_bn"] and world.distributed
+    resuming = resume is not None and Path(out).resolve() == resume.parent.resolve()
+    check_free(Path(out), resuming=resuming, overwrite=asked.overwrite)
+    # The model starts the same on every rank; what a step draws (dropout,
+    # augmentation) is seeded per rank in open_run.
+    seed_everything(config.train.seed)
     model, state = prepare_model(
         config,
-        init=init,
-        sync_bn=sync_bn,
-        freeze_from=freeze_from,
+        init=asked.init,
+        sync_bn=config.train.sync_bn and world.distributed,
+        freeze_from=asked.freeze_from,
     )
-    run = Run(config, data, epochs or config["train"]["epochs"], Path(out), model, state, dev, world)
-    run.stages = parse_stages(config["unfreeze"]["stages"])
+    run = Run(config, asked.data, config.train.epochs, Path(out), model, state, dev, world)
+    run.stages = parse_stages(config.unfreeze.stages)
+    run.checkpoint, run.resumed_from = checkpoint, resume
     if checkpoint is not None:
         # The freeze state exactly as saved, stages already applied included:
         # re-running the config's spec would freeze a backbone that an
         # earlier stage had released (the failure of re-freezing on resume).
         run.state = state_from_manifest(model, checkpoint["freeze_manifest"], f"{resume} freeze_manifest")
         apply(model, run.state)
-    run.train_set, run.val_set = make_datasets(data, config)
-    if world.main:
-        run.out.mkdir(parents=True, exist_ok=True)
+    run.train_set, run.val_set = make_datasets(asked.data, config)
+    run.board_writer = tensorboard_writer() if config.log.tensorboard and world.main else None
+    return run
+
+
+def open_run(run: Run, asked: Asked) -> None:
+    """Claim the run folder (its lock, then the old run's files if asked), then the optimizer and the loaders."""
+    if run.world.main:
+        run.lock = claim(run.out, overwrite=asked.overwrite)
         run.files = RunFiles(run.out)
-        print(freeze_summary(model, run.state))
-    seed_everything(seed + world.rank)
-    build_training(run, checkpoint)
-    if checkpoint is not None:
-        restore(run, checkpoint, resume)
-    if world.main:
-        write_json(run.out / "freeze_manifest.json", manifest(model, run.state, run.groups))
+        print(freeze_summary(run.model, run.state))
+    seed_everything(run.config.train.seed + run.world.rank)
+    build_training(run, run.checkpoint)
+    if run.checkpoint is not None:
+        restore(run, run.checkpoint, run.resumed_from)
+    if run.world.main:
+        write_json(run.out / "freeze_manifest.json", manifest(run.model, run.state, run.groups))
     # Built after the freeze (and the stages a resume put back): DDP
     # registers only the parameters that require grad when it is made.
-    run.net = make_net(model, world, dev, config)
+    run.net = make_net(run.model, run.world, run.device, run.config)
     make_loaders(run)
-    run.board = board_writer(run.out / "tensorboard", purge_step=run.first) if board_writer else None
-    return run
+    if run.board_writer is not None:
+        run.board = run.board_writer(run.out / "tensorboard", purge_step=run.first)
 
 
 def build_training(run: Run, checkpoint: dict[str, Any] | None) -> None:
@@ -439,14 +532,14 @@ def build_training(run: Run, checkpoint: dict[str, Any] | None) -> None:
         run.groups = checkpoint["freeze_manifest"]["param_groups"]  # with the groups of stages done
     run.optimizer = make_optimizer(model, run.config, run.groups)
     run.scheduler = cosine_schedule(run.optimizer, run.epochs)
-    train_cfg = run.config["train"]
+    train_cfg = run.config.train
     run.amp = amp_dtype(train_cfg, run.device)
     # Loss scaling keeps fp16 gradients from underflowing; bf16 has fp32's range and needs none.
     run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp == torch.float16)
-    run.channels_last = use_channels_last(train_cfg["channels_last"], model, run.device)
+    run.channels_last = use_channels_last(train_cfg.channels_last, model, run.device)
     if run.channels_last:
         model.to(memory_format=torch.channels_last)
-    run.best_value = math.inf if run.config["checkpoint"]["mode"] == "min" else -math.inf
+    run.best_value = math.inf if run.config.checkpoint.mode == "min" else -math.inf
 
 
 def restore(run: Run, checkpoint: dict[str, Any], resume: Path) -> None:
@@ -460,7 +553,8 @@ def restore(run: Run, checkpoint: dict[str, Any], resume: Path) -> None:
         # Saved without AMP (on the CPU, or amp = false): no scale to restore.
         print("the checkpoint has no GradScaler state (saved without AMP); the scaler starts fresh")
     run.first, run.history = checkpoint["epoch"] + 1, checkpoint["history"]
-    restore_rng(checkpoint["rng"], run.world, run.config["train"]["seed"] + run.first)
+    run.saved = checkpoint["epoch"]
+    restore_rng(checkpoint["rng"], run.world, run.config.train.seed + run.first)
     run.best_value = checkpoint["best_value"]
     if not run.world.main:
         return
@@ -473,20 +567,20 @@ def restore(run: Run, checkpoint: dict[str, Any], resume: Path) -> None:
 
 def make_loaders(run: Run) -> None:
     """The train and val loaders, and whether the head trains on cached features."""
-    train_cfg, world = run.config["train"], run.world
-    workers = loader_workers(train_cfg["num_workers"], run.data, world)
+    train_cfg, world = run.config.train, run.world
+    workers = loader_workers(train_cfg.num_workers, run.data, world)
     loader_args = {"num_workers": workers, "pin_memory": run.device.type == "cuda", "persistent_workers": workers > 0}
     # The shuffle order depends on the seed and the epoch alone (set_epoch is
     # the sampler's whole state), so a resumed run sees exactly the batches an
     # uninterrupted one would, and rank r takes every world.size-th sample of
     # it: together the ranks see the batches one process would.
-    run.sampler = DistributedSampler(run.train_set, num_replicas=world.size, rank=world.rank, seed=train_cfg["seed"])
-    batch = train_cfg["batch_size"] // world.size
+    run.sampler = DistributedSampler(run.train_set, num_replicas=world.size, rank=world.rank, seed=train_cfg.seed)
+    batch = train_cfg.batch_size // world.size
     run.train_loader = DataLoader(run.train_set, batch, sampler=run.sampler, **loader_args)
     val_shard = Subset(run.val_set, range(world.rank, len(run.val_set), world.size))
-    run.val_loader = DataLoader(val_shard, train_cfg["batch_size"], **loader_args)
+    run.val_loader = DataLoader(val_shard, train_cfg.batch_size, **loader_args)
     risks = cache_risks(run.data, run.config, world)
-    run.caching, why = cache_decision(run.model, train_cfg["cache_features"], risks)
+    run.caching, why = cache_decision(run.model, train_cfg.cache_features, risks)
     if world.main:
         print(f"feature cache: {'on' if run.caching else 'off'} ({why})")
 
@@ -495,7 +589,7 @@ def begin_stages(run: Run, epoch: int) -> None:
     """Start every unfreeze stage due at `epoch`: release its part, in new param groups on the schedule."""
     while run.state.stages_done < len(run.stages) and run.stages[run.state.stages_done].epoch <= epoch:
         stage = run.stages[run.state.stages_done]
-        names = unfreeze_stage(run.model, run.state, stage, run.config["freeze"]["bn_modes"])
+        names = unfreeze_stage(run.model, run.state, stage, run.config.freeze.bn_modes)
         label = f"stage{run.state.stages_done}"
         new = param_groups(run.model, run.config, names, label, stage.lr_mult, epoch, stage.warmup_epochs)
         add_groups(run.model, run.optimizer, run.scheduler, new, run.config, run.epochs)
@@ -517,7 +611,7 @@ def run_epoch(run: Run, epoch: int) -> dict[str, float]:
     lr = run.optimizer.param_groups[0]["lr"]
     desc = f"epoch {epoch}" if show_progress(run.world) else None
     if run.caching and run.cache is None:
-        batch = run.config["train"]["batch_size"]
+        batch = run.config.train.batch_size
         run.cache = build_cache(run.model, run.train_set, run.val_set, run.sampler, batch, run.device, run.amp)
     if run.cache is not None:
         # Only the head runs: the same batches in the same order, minus the backbone.
@@ -566,8 +660,17 @@ def record(run: Run, row: dict[str, float]) -> None:
 
 
 def save(run: Run, row: dict[str, float]) -> None:
-    """best.* when the monitored metric improved; last.ckpt and the epoch files, every epoch."""
-    monitor, mode = run.config["checkpoint"]["monitor"], run.config["checkpoint"]["mode"]
+    """best.* when the monitored metric improved; last.ckpt and the epoch files, every epoch.
+
+    Weights that are not finite are never written: the files of the last good epoch stay.
+    """
+    bad = non_finite(run.model.state_dict())
+    if bad:
+        raise DivergedError(
+            f"epoch {row['epoch']}: {len(bad)} tensors are not finite (first: {bad[0]}); "
+            "nothing of this epoch was saved"
+        )
+    monitor, mode = run.config.checkpoint.monitor, run.config.checkpoint.mode
     value = row[monitor]
     if value < run.best_value if mode == "min" else value > run.best_value:
         run.best_value = value
@@ -587,9 +690,10 @@ def save(run: Run, row: dict[str, float]) -> None:
         "best_value": run.best_value,
         "history": run.history,
         "freeze_manifest": manifest(run.model, run.state, run.groups),
-        "config": run.config,
+        "config": run.config.to_dict(),
     }
-    save_full(run.files, checkpoint, run.config["checkpoint"]["keep_last_k"])
+    save_full(run.files, checkpoint, run.config.checkpoint.keep_last_k)
+    run.saved = row["epoch"]
 
 
 def save_best(run: Run, epoch: int, monitor: str, value: float) -> None:

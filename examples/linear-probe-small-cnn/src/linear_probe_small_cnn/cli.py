@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from torch import nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointError, read_state_dict
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
 from .data import DEFAULT_DATA, DataError, example_inputs, make_datasets
 from .distributed import pick_device, stop
 from .export import FORMATS, ExportError, export
@@ -19,7 +21,7 @@ from .freeze import FreezeSpecError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
 from .model import build_model
 from .plot import PlotError, plot_run
-from .train import evaluate, fit, prepare_model
+from .train import DivergedError, Stopped, evaluate, fit, prepare_model
 from .weights import inspect_weights
 
 # A spec in this model's own names, for --help.
@@ -32,7 +34,19 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ExportError,
     PlotError,
     FreezeSpecError,
+    DivergedError,
 )
+
+
+def at_least_one(text: str) -> int:
+    """An epoch count: a whole number >= 1 (argparse names the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -54,13 +68,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="fine-tune and write a run folder")
     train.add_argument("--out", help="run folder to write (default with --resume: the resumed run's folder)")
-    train.add_argument("--epochs", type=int, help="total epochs (default: train.epochs in the config)")
+    train.add_argument("--epochs", type=at_least_one, help="total epochs (default: train.epochs in the config)")
     train.add_argument("--data", default=DEFAULT_DATA, help="'synthetic' or an image folder with train/ and val/")
     train.add_argument("--init", help="weights to start from (.pt, .pth, .bin, .ckpt, .safetensors)")
     train.add_argument(
         "--resume", help="a run folder (its newest checkpoint that matches checkpoints.json) or one full checkpoint"
     )
-    train.add_argument("--stop-after", type=int, help="stop this invocation after N epochs")
+    train.add_argument("--stop-after", type=at_least_one, help="stop this invocation after N epochs")
+    train.add_argument(
+        "--overwrite", action="store_true", help="delete the run that --out holds and start over (never mixes two runs)"
+    )
     train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     train.add_argument(
         "--freeze-from", help="freeze_manifest.json of another run: its freeze state replaces the config's spec"
@@ -84,7 +101,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_layers(args: argparse.Namespace, config: dict) -> int:
+def cmd_layers(args: argparse.Namespace, config: Config) -> int:
     if args.spec:
         # A dry run on the plain model: only what the selectors match, nothing applied.
         print(spec_report(build_model(config), parse_spec(args.spec)))
@@ -103,30 +120,64 @@ def cmd_layers(args: argparse.Namespace, config: dict) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace, config: dict) -> int:
-    finished = False
-    try:
-        fit(
-            config,
-            args.out,
-            data=args.data,
-            epochs=args.epochs,
-            init=args.init,
-            resume=args.resume,
-            stop_after=args.stop_after,
-            device=args.device,
-            freeze_from=args.freeze_from,
-        )
-        finished = True
-    finally:
-        stop(wait=finished)  # under torchrun: leave the process group together
+def cmd_train(args: argparse.Namespace, config: Config) -> int:
+    # A resume trains on with the config its checkpoint saved; a --config given now is checked against it.
+    resumed_config = None if args.resume is not None and args.config is None else config
+    options = {
+        "data": args.data,
+        "epochs": args.epochs,
+        "init": args.init,
+        "resume": args.resume,
+        "stop_after": args.stop_after,
+        "device": args.device,
+        "freeze_from": args.freeze_from,
+        "overwrite": args.overwrite,
+    }
+    with signals_unwind() as received:
+        try:
+            fit_together(resumed_config, args.out, options)
+        except KeyboardInterrupt as err:
+            line = str(err) if isinstance(err, Stopped) else "stopped before training began; nothing was written"
+            print(line, file=sys.stderr)
+            # The shell's codes for a death by the signal: 130 for Ctrl-C, 143 for SIGTERM.
+            return 128 + (received[-1] if received else signal.SIGINT)
     return 0
 
 
-def cmd_inspect_weights(args: argparse.Namespace, config: dict) -> int:
-    plan = inspect_weights(build_model(config), args.file, config["init"])
+@contextlib.contextmanager
+def signals_unwind() -> Iterator[list[int]]:
+    """SIGTERM (a job scheduler's stop) unwinds like Ctrl-C, so no save is left half-written.
+
+    Yields the signals received; the previous handlers come back afterwards.
+    """
+    received: list[int] = []
+
+    def interrupt(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def fit_together(config: Config | None, out: str | None, options: dict) -> None:
+    """fit(), then leave the process group with the other ranks (at once after an error: they may never come)."""
+    finished = False
+    try:
+        fit(config, out, **options)
+        finished = True
+    finally:
+        stop(wait=finished)
+
+
+def cmd_inspect_weights(args: argparse.Namespace, config: Config) -> int:
+    plan = inspect_weights(build_model(config), args.file, config.init)
     print(plan.format())
-    minimum = config["init"]["min_loaded_fraction"]
+    minimum = config.init.min_loaded_fraction
     refusal = plan.refusal(minimum)
     if refusal is not None:
         print(f"train --init would refuse this file: {refusal}")
@@ -135,7 +186,7 @@ def cmd_inspect_weights(args: argparse.Namespace, config: dict) -> int:
     return 0
 
 
-def trained_model(weights: str, config: dict) -> nn.Module:
+def trained_model(weights: str, config: Config) -> nn.Module:
     """The plain model (no freezing, plain BatchNorm) with every tensor from `weights`."""
     model = build_model(config)
     try:
@@ -145,17 +196,17 @@ def trained_model(weights: str, config: dict) -> nn.Module:
     return model
 
 
-def cmd_evaluate(args: argparse.Namespace, config: dict) -> int:
+def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
     device = pick_device(args.device)
     model = trained_model(args.weights, config)
     _, val_set = make_datasets(args.data, config)
-    loader = DataLoader(val_set, batch_size=config["train"]["batch_size"])
+    loader = DataLoader(val_set, batch_size=config.train.batch_size)
     loss, acc = evaluate(model.to(device), loader, device)
     print(json.dumps({"weights": args.weights, "val_loss": loss, "val_acc": acc}))
     return 0
 
 
-def cmd_export(args: argparse.Namespace, config: dict) -> int:
+def cmd_export(args: argparse.Namespace, config: Config) -> int:
     model = trained_model(args.weights, config)
     error = export(model, args.format, args.out, example_inputs(config, 2), fold_bn=args.fold_bn)
     folded = " (BatchNorm folded into convolutions)" if args.fold_bn else ""
@@ -163,7 +214,7 @@ def cmd_export(args: argparse.Namespace, config: dict) -> int:
     return 0
 
 
-def cmd_plot(args: argparse.Namespace, config: dict) -> int:
+def cmd_plot(args: argparse.Namespace, config: Config) -> int:
     print(f"wrote {plot_run(args.dir)}")
     return 0
 

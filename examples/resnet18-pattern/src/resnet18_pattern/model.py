@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from torch import nn
 from torchvision.models import get_model, get_model_weights
 
+from .config import Config
+
 HEAD = "fc"
 # Containers whose children are the model's blocks, in depth order: what
 # train.layer_decay and train.grad_checkpointing count.
@@ -18,7 +20,7 @@ class PretrainedWeightsError(RuntimeError):
     pass
 
 
-def build_model(config: dict, pretrained: bool = False) -> nn.Module:
+def build_model(config: Config, pretrained: bool = False) -> nn.Module:
     """resnet18 from torchvision, with ImageNet weights when `pretrained`."""
     weights = get_model_weights(ARCH).DEFAULT if pretrained else None
     try:
@@ -31,7 +33,7 @@ def build_model(config: dict, pretrained: bool = False) -> nn.Module:
         ) from err
     parent_name, _, attr = HEAD.rpartition(".")
     parent = model.get_submodule(parent_name)
-    setattr(parent, attr, nn.Linear(getattr(parent, attr).in_features, config["model"]["num_classes"]))
+    setattr(parent, attr, nn.Linear(getattr(parent, attr).in_features, config.model.num_classes))
     return model
 
 

@@ -87,6 +87,11 @@ def torch_bytes(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold a NaN or an infinity."""
+    return [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -95,7 +100,7 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def config_hash(config: dict) -> str:
+def config_hash(config: dict[str, Any]) -> str:
     """A short fingerprint of a run's config, stored with its weights."""
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .batchnorm import batchnorm_layers, mode_of
-from .config import ConfigError
+from .config import Config, ConfigError
 from .data import DEFAULT_DATA
 from .distributed import World
 from .model import HEAD
@@ -44,8 +44,6 @@ def cache_decision(model: nn.Module, setting: str | bool, reasons_against: list[
     """
     if setting is False:
         return False, "train.cache_features = false"
-    if setting is not True and setting != "auto":
-        raise ConfigError(f'train.cache_features must be true, false or "auto", got {setting!r}')
     reasons = list(reasons_against)
     inside_head = HEAD + "."
     training = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith(inside_head)]
@@ -105,10 +103,10 @@ class CachedBatches:
             yield self.features[batch], self.labels[batch]
 
 
-def cache_risks(data: str, config: dict, world: World) -> list[str]:
+def cache_risks(data: str, config: Config, world: World) -> list[str]:
     """What, besides the model, makes cached features differ from a fresh forward pass."""
     risks = []
-    if data != DEFAULT_DATA and config["data"]["augment"]:
+    if data != DEFAULT_DATA and config.data.augment:
         risks.append("training images are randomly augmented ([data] augment = true)")
     if world.distributed:
         risks.append("under torchrun each process sees other samples every epoch")

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 from torch import Tensor, nn
 
+from .config import Config
+
 HEAD = "head"
 # The model's blocks are its top-level children (train.layer_decay and train.grad_checkpointing
 # count them); name containers here to count theirs.
@@ -44,8 +46,8 @@ class SmallCNN(nn.Module):
         return self.head(self.pool(self.block2(self.block1(self.stem(x)))))
 
 
-def build_model(config: dict) -> nn.Module:
-    return SmallCNN(config["model"]["num_classes"])
+def build_model(config: Config) -> nn.Module:
+    return SmallCNN(config.model.num_classes)
 
 
 def preprocessing() -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from .config import Config
 from .model import preprocessing
 
 # The value of --data that needs no files.
@@ -163,28 +164,28 @@ def image_folder_datasets(
     return train, val
 
 
-def make_datasets(data: str, config: dict) -> tuple[Dataset, Dataset]:
-    train_cfg, data_cfg = config["train"], config["data"]
+def make_datasets(data: str, config: Config) -> tuple[Dataset, Dataset]:
+    train_cfg, data_cfg = config.train, config.data
     if data == DEFAULT_DATA:
         return synthetic_datasets(
-            config["model"]["num_classes"],
-            train_cfg["image_size"],
-            data_cfg["synthetic_train_size"],
-            data_cfg["synthetic_val_size"],
-            seed=train_cfg["seed"],
+            config.model.num_classes,
+            train_cfg.image_size,
+            data_cfg.synthetic_train_size,
+            data_cfg.synthetic_val_size,
+            seed=train_cfg.seed,
         )
     if not Path(data).is_dir():
         raise DataError(f"--data {data}: no such directory (or use --data synthetic)")
     return image_folder_datasets(
         data,
-        train_cfg["image_size"],
-        config["model"]["num_classes"],
-        augment=data_cfg["augment"],
-        bad_images=data_cfg["bad_images"],
+        train_cfg.image_size,
+        config.model.num_classes,
+        augment=data_cfg.augment,
+        bad_images=data_cfg.bad_images,
     )
 
 
-def example_inputs(config: dict, count: int) -> torch.Tensor:
+def example_inputs(config: Config, count: int) -> torch.Tensor:
     """`count` inputs like --data synthetic's: what the tests feed the model."""
-    train, _ = synthetic_datasets(config["model"]["num_classes"], config["train"]["image_size"], count, 1)
+    train, _ = synthetic_datasets(config.model.num_classes, config.train.image_size, count, 1)
     return torch.stack([train[i][0] for i in range(count)])

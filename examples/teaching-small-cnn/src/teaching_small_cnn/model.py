@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .config import Config
+
 HEAD = "head"
 # ImageNet statistics: images are normalised with them (and resized to
 # image_size via a 256/224 larger resize, then a centre crop).
@@ -39,8 +41,8 @@ class SmallCNN(nn.Module):
         return self.head(self.pool(self.block2(self.block1(self.stem(x)))))
 
 
-def build_model(config: dict) -> nn.Module:
-    return SmallCNN(config["model"]["num_classes"])
+def build_model(config: Config) -> nn.Module:
+    return SmallCNN(config.model.num_classes)
 
 
 def preprocessing() -> dict:

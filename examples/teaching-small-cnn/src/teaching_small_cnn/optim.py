@@ -16,10 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import Config
+
 
 def param_groups(
     model: nn.Module,
-    config: dict,
+    config: Config,
     names: list[str],
     label: str,
     lr_mult: float = 1.0,
@@ -30,18 +32,18 @@ def param_groups(
 
     Few groups keep foreach/fused optimizer kernels batching many tensors per launch.
     """
-    train_cfg = config["train"]
+    train_cfg = config.train
     params = dict(model.named_parameters())
     groups: dict[tuple[float, float], dict[str, Any]] = {}
     for name in names:
         factor = lr_mult
         # Biases and norm scales (every 1-d tensor) decay towards 0, which
         # only fights the normalisation; the usual recipe leaves them alone.
-        no_decay = train_cfg["no_decay_norm_bias"] and params[name].ndim <= 1
-        decay = 0.0 if no_decay else train_cfg["weight_decay"]
+        no_decay = train_cfg.no_decay_norm_bias and params[name].ndim <= 1
+        decay = 0.0 if no_decay else train_cfg.weight_decay
         if (factor, decay) not in groups:
             rate = "" if factor == 1 else f" lr x{factor:g}"
-            plain = " no_decay" if no_decay and train_cfg["weight_decay"] else ""
+            plain = " no_decay" if no_decay and train_cfg.weight_decay else ""
             groups[factor, decay] = {
                 "name": label + rate + plain,
                 "lr_mult": factor,
@@ -54,13 +56,15 @@ def param_groups(
     return list(groups.values())
 
 
-def make_optimizer(model: nn.Module, config: dict, groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module, config: Config, groups: list[dict[str, Any]] | None = None
+) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters only, grouped as `groups` says (default: by the config)."""
     if groups is None:
         groups = param_groups(model, config, trainable_names(model), "trainable")
-    lr, params = config["train"]["lr"], dict(model.named_parameters())
+    lr, params = config.train.lr, dict(model.named_parameters())
     torch_groups = [torch_group(params, group, lr) for group in groups]
-    return torch.optim.AdamW(torch_groups, lr=lr, weight_decay=config["train"]["weight_decay"])
+    return torch.optim.AdamW(torch_groups, lr=lr, weight_decay=config.train.weight_decay)
 
 
 def torch_group(params: dict[str, nn.Parameter], group: dict[str, Any], lr: float) -> dict[str, Any]:
@@ -98,7 +102,7 @@ def add_groups(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
     groups: list[dict[str, Any]],
-    config: dict,
+    config: Config,
     epochs: int,
 ) -> None:
     """Add newly trainable parameters to the optimizer *and* the schedule.
@@ -112,7 +116,7 @@ def add_groups(
     params = dict(model.named_parameters())
     for group in groups:
         factor = lr_factor(epochs, group["start_epoch"], group["warmup_epochs"])
-        torch_form = torch_group(params, group, config["train"]["lr"])
+        torch_form = torch_group(params, group, config.train.lr)
         base_lr = torch_form["lr"]
         optimizer.add_param_group({**torch_form, "initial_lr": base_lr, "lr": base_lr * factor(scheduler.last_epoch)})
         scheduler.base_lrs.append(base_lr)

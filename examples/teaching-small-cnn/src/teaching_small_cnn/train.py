@@ -8,6 +8,7 @@ evaluate, record and save. optim.py holds the param groups and the schedule.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -18,15 +19,15 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
-from .checkpoint import RunFiles, atomic_write, config_hash, load_resume, safetensors_bytes, torch_bytes
-from .config import ConfigError
+from .checkpoint import RunFiles, atomic_write, config_hash, load_resume, non_finite, safetensors_bytes, torch_bytes
+from .config import Config, ConfigError, check, from_dict
 from .data import DEFAULT_DATA, make_datasets
 from .freeze import (
     FreezeState,
@@ -50,7 +51,20 @@ from .optim import (
     trainable_names,
 )
 from .rng import rng_state, seed_everything, set_rng_state
+from .runfolder import check_free, claim
 from .weights import load_init
+
+# How often a step reads back whether the loss stayed finite.
+CHECK_EVERY = 16
+
+
+class DivergedError(RuntimeError):
+    """The loss or the weights stopped being finite: nothing of that epoch is saved."""
+
+
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: every save either finished or left the previous file; its text says how to go on."""
+
 
 # New columns go at the end: scripts that read metrics.csv by position keep working.
 METRIC_COLUMNS = (
@@ -64,12 +78,10 @@ METRIC_COLUMNS = (
     "images_per_s",
     "trainable_params",
 )
-# Metrics best.* can be chosen by; checkpoint.mode says whether more is better.
-MONITORS = ("val_acc", "val_loss", "train_loss")
 
 
 def prepare_model(
-    config: dict,
+    config: Config,
     init: str | Path | None = None,
     freeze_from: str | Path | None = None,
 ) -> tuple[nn.Module, FreezeState]:
@@ -79,19 +91,20 @@ def prepare_model(
     """
     model = build_model(config)
     if init is not None:
-        load_init(model, init, config["init"])
+        load_init(model, init, config.init)
     if freeze_from is not None:
         state = read_manifest(model, freeze_from)
         apply(model, state)
     else:
-        state = freeze(model, freeze_spec(config), config["freeze"]["bn_modes"], "freeze.keep_trainable")
-    check_stages(model, parse_stages(config["unfreeze"]["stages"]))
+        state = freeze(model, freeze_spec(config), config.freeze.bn_modes, "freeze.keep_trainable")
+    check_stages(model, parse_stages(config.unfreeze.stages))
     return model, state
 
 
-def freeze_spec(config: dict) -> list[Selector]:
+def freeze_spec(config: Config) -> list[Selector]:
     # keep_trainable lists what trains; "!" turns each into "everything but".
-    return ["!" + str(selector) for selector in config["freeze"]["keep_trainable"]]
+    # An empty list keeps nothing trainable: "*", which freeze() refuses.
+    return ["!" + str(selector) for selector in config.freeze.keep_trainable] or ["*"]
 
 
 def read_manifest(model: nn.Module, path: str | Path) -> FreezeState:
@@ -110,8 +123,6 @@ def loader_workers(setting: str | int, data: str) -> int:
     """With "auto", none for in-memory synthetic data; else the cores but one, up to 8."""
     if setting == "auto":
         return 0 if data == DEFAULT_DATA else min(8, max(1, (os.cpu_count() or 1) - 1))
-    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
-        raise ConfigError(f'train.num_workers must be "auto" or an integer >= 0, got {setting!r}')
     return setting
 
 
@@ -134,6 +145,9 @@ def train_one_epoch(
     # Summed on the device: reading a number every step would wait for the GPU.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    # The first step whose loss is not finite, kept on the device and read
+    # every CHECK_EVERY steps: no wait for the GPU at every step.
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
     count = 0
     bar = tqdm(loader, desc=desc, disable=desc is None, leave=False, unit="batch", dynamic_ncols=True)
     started = time.perf_counter()
@@ -147,6 +161,9 @@ def train_one_epoch(
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         count += len(labels)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+        if step % CHECK_EVERY == 0:
+            stop_if_diverged(first_bad)
         if not bar.disable:
             bar.set_postfix(
                 loss=f"{loss_sum.item() / count:.4f}",
@@ -156,7 +173,14 @@ def train_one_epoch(
                 # would otherwise end before its numbers were ever shown.
                 refresh=step == bar.total,
             )
+    stop_if_diverged(first_bad)
     return loss_sum.item(), int(correct.item()), count
+
+
+def stop_if_diverged(first_bad: torch.Tensor) -> None:
+    step = int(first_bad.item())
+    if step >= 0:
+        raise DivergedError(f"step {step}: the loss is not finite; lower train.lr")
 
 
 @torch.no_grad()
@@ -195,7 +219,7 @@ def write_metrics(path: Path, history: list[dict[str, float]]) -> None:
 class Run:
     """Everything one training run holds between epochs."""
 
-    config: dict
+    config: Config
     data: str
     epochs: int
     out: Path
@@ -214,13 +238,17 @@ class Run:
     shuffle: torch.Generator = field(default_factory=torch.Generator)
     train_loader: DataLoader | None = None
     val_loader: DataLoader | None = None
+    lock: IO[str] | None = None
+    saved: int | None = None  # the last epoch whose files are all written
+    checkpoint: dict[str, Any] | None = None
+    resumed_from: Path | None = None
     first: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     best_value: float = math.nan
 
 
 def fit(
-    config: dict,
+    config: Config | None,
     out: str | Path | None,
     *,
     data: str = DEFAULT_DATA,
@@ -230,6 +258,7 @@ def fit(
     stop_after: int | None = None,
     device: str | None = None,
     freeze_from: str | Path | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, float]]:
     """Train and write the run folder; return one metrics row per epoch.
 
@@ -237,81 +266,147 @@ def fit(
     schedule planned for `epochs`: resume later with --resume.
     `resume` is a full checkpoint or a run folder (its newest checkpoint that
     matches checkpoints.json); `out` then defaults to that checkpoint's folder.
+    A resume trains on with the config saved in the checkpoint; `config`, if
+    given, may differ from it only in keys that cannot change the result.
     `freeze_from` is a freeze_manifest.json whose freeze state replaces the
-    config's spec.
+    config's spec. `overwrite` deletes the run a folder holds and starts over.
     """
-    run = start_run(config, out, data, epochs, init, resume, device, freeze_from)
-    for ran, epoch in enumerate(range(run.first, run.epochs), 1):
-        begin_stages(run, epoch)
-        row = run_epoch(run, epoch)
-        record(run, row)
-        save(run, row)
-        if stop_after is not None and ran >= stop_after:
-            break
+    asked = Asked(out, data, epochs, init, resume, device, freeze_from, overwrite)
+    run = start_run(config, asked)
+    try:
+        open_run(run, asked)
+        for ran, epoch in enumerate(range(run.first, run.epochs), 1):
+            begin_stages(run, epoch)
+            try:
+                row = run_epoch(run, epoch)
+            except DivergedError as err:
+                raise DivergedError(f"epoch {epoch}, {err}") from None
+            record(run, row)
+            save(run, row)
+            if stop_after is not None and ran >= stop_after:
+                break
+    except KeyboardInterrupt:
+        raise Stopped(stopped_line(run)) from None
+    finally:
+        if run.lock is not None:
+            run.lock.close()
     return run.history
 
 
-def check_config(config: dict) -> None:
-    """The checks that need no model, before anything is built or written."""
-    monitor, mode = config["checkpoint"]["monitor"], config["checkpoint"]["mode"]
-    if monitor not in MONITORS or mode not in ("min", "max"):
-        raise ConfigError(
-            f"checkpoint.monitor must be one of {', '.join(MONITORS)} and checkpoint.mode min or max; "
-            f"got {monitor!r}, {mode!r}"
-        )
-    if config["checkpoint"]["keep_last_k"] < 0:
-        raise ConfigError(f"checkpoint.keep_last_k must be 0 or more, got {config['checkpoint']['keep_last_k']}")
+def stopped_line(run: Run) -> str:
+    if run.saved is None:
+        return f"stopped before the first epoch was saved; {run.out} holds no trained weights"
+    last = run.saved
+    return f"stopped after epoch {last}, whose files are intact; continue with --resume {run.out}"
 
 
-def start_run(
-    config: dict,
-    out: str | Path | None,
-    data: str,
-    epochs: int | None,
-    init: str | Path | None,
-    resume: str | Path | None,
-    device: str | None,
-    freeze_from: str | Path | None,
-) -> Run:
-    """Everything that can reject the input runs before the run folder exists; then the folder and the loaders."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    seed = config["train"]["seed"]
-    # The model starts the same whatever ran before in this process.
-    seed_everything(seed)
-    check_config(config)
-    checkpoint = None
-    if resume is not None:
-        if freeze_from is not None:
-            raise ConfigError("--freeze-from starts a new run and --resume continues one; pass one of them")
-        resume, checkpoint = load_resume(resume)
-        out = out or resume.parent
+@dataclass
+class Asked:
+    """What the caller asked for, as `fit` takes it."""
+
+    out: str | Path | None
+    data: str
+    epochs: int | None
+    init: str | Path | None
+    resume: str | Path | None
+    device: str | None
+    freeze_from: str | Path | None
+    overwrite: bool
+
+
+def check_config(config: Config, epochs: int) -> None:
+    """Every value of the config (config.check), then what depends on this run, before anything is written."""
+    check(config)
+    if epochs < 1:
+        raise ConfigError(f"--epochs {epochs}: at least 1")
+
+
+# Keys that cannot change what a run computes: a resume may take new values for them.
+FREE_ON_RESUME = ("train.num_workers", "checkpoint.keep_last_k")
+
+
+def resumed_config(config: Config | None, asked: Asked) -> tuple[Config, dict[str, Any], Path]:
+    """The checkpoint to resume, and the config that trained it.
+
+    A config passed now must agree with the saved one in every key that
+    changes the training trajectory; each difference is listed as old -> new.
+    """
+    if asked.freeze_from is not None or asked.init is not None:
+        what = "--freeze-from" if asked.freeze_from is not None else "--init"
+        raise ConfigError(f"{what} starts a new run and --resume continues one; pass one of them")
+    path, checkpoint = load_resume(asked.resume)
+    try:
+        saved = from_dict(checkpoint["config"])
+    except (ConfigError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path}: its config does not fit this project ({err})") from None
+    now = config.to_dict() if config is not None else saved.to_dict()
+    if asked.epochs is not None:
+        now["train"]["epochs"] = asked.epochs
+    old = saved.to_dict()
+    changed = [
+        f"{section}.{key}: {value!r} -> {now[section][key]!r}"
+        for section, values in old.items()
+        for key, value in values.items()
+        if now[section][key] != value and f"{section}.{key}" not in FREE_ON_RESUME
+    ]
+    if changed:
+        raise ConfigError(f"--resume {path} was trained with another config; it would change " + "; ".join(changed))
+    for name in FREE_ON_RESUME:
+        section, key = name.split(".")
+        setattr(getattr(saved, section), key, now[section][key])
+    return saved, checkpoint, path
+
+
+def start_run(config: Config | None, asked: Asked) -> Run:
+    """Everything that can reject the input, before the run folder is touched: the config, the model, the data."""
+    dev = torch.device(asked.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    checkpoint = resume = out = None
+    if asked.resume is not None:
+        config, checkpoint, resume = resumed_config(config, asked)
+        out = resume.parent
+    if config is None:
+        raise ConfigError("no config: pass one, or --resume a run")
+    # The run's own copy, with the epochs it plans for: what the checkpoints record.
+    config = copy.deepcopy(config)
+    config.train.epochs = config.train.epochs if asked.epochs is None else asked.epochs
+    check_config(config, config.train.epochs)
+    out = asked.out or out
     if out is None:
         raise ConfigError("no run folder: pass --out or --resume")
+    resuming = resume is not None and Path(out).resolve() == resume.parent.resolve()
+    check_free(Path(out), resuming=resuming, overwrite=asked.overwrite)
+    # The model starts the same whatever ran before in this process.
+    seed_everything(config.train.seed)
     model, state = prepare_model(
         config,
-        init=init,
-        freeze_from=freeze_from,
+        init=asked.init,
+        freeze_from=asked.freeze_from,
     )
-    run = Run(config, data, epochs or config["train"]["epochs"], Path(out), model, state, dev)
-    run.stages = parse_stages(config["unfreeze"]["stages"])
+    run = Run(config, asked.data, config.train.epochs, Path(out), model, state, dev)
+    run.stages = parse_stages(config.unfreeze.stages)
+    run.checkpoint, run.resumed_from = checkpoint, resume
     if checkpoint is not None:
         # The freeze state exactly as saved, stages already applied included:
         # re-running the config's spec would freeze a backbone that an
         # earlier stage had released (the failure of re-freezing on resume).
         run.state = state_from_manifest(model, checkpoint["freeze_manifest"], f"{resume} freeze_manifest")
         apply(model, run.state)
-    run.train_set, run.val_set = make_datasets(data, config)
-    run.out.mkdir(parents=True, exist_ok=True)
-    run.files = RunFiles(run.out)
-    print(freeze_summary(model, run.state))
-    build_training(run, checkpoint)
-    if checkpoint is not None:
-        restore(run, checkpoint, resume)
-    write_json(run.out / "freeze_manifest.json", manifest(model, run.state, run.groups))
-    # Built after the freeze (and the stages a resume put back).
-    run.net = model
-    make_loaders(run)
+    run.train_set, run.val_set = make_datasets(asked.data, config)
     return run
+
+
+def open_run(run: Run, asked: Asked) -> None:
+    """Claim the run folder (its lock, then the old run's files if asked), then the optimizer and the loaders."""
+    run.lock = claim(run.out, overwrite=asked.overwrite)
+    run.files = RunFiles(run.out)
+    print(freeze_summary(run.model, run.state))
+    build_training(run, run.checkpoint)
+    if run.checkpoint is not None:
+        restore(run, run.checkpoint, run.resumed_from)
+    write_json(run.out / "freeze_manifest.json", manifest(run.model, run.state, run.groups))
+    # Built after the freeze (and the stages a resume put back).
+    run.net = run.model
+    make_loaders(run)
 
 
 def build_training(run: Run, checkpoint: dict[str, Any] | None) -> None:
@@ -324,7 +419,7 @@ def build_training(run: Run, checkpoint: dict[str, Any] | None) -> None:
         run.groups = checkpoint["freeze_manifest"]["param_groups"]  # with the groups of stages done
     run.optimizer = make_optimizer(model, run.config, run.groups)
     run.scheduler = cosine_schedule(run.optimizer, run.epochs)
-    run.best_value = math.inf if run.config["checkpoint"]["mode"] == "min" else -math.inf
+    run.best_value = math.inf if run.config.checkpoint.mode == "min" else -math.inf
 
 
 def restore(run: Run, checkpoint: dict[str, Any], resume: Path) -> None:
@@ -333,6 +428,7 @@ def restore(run: Run, checkpoint: dict[str, Any], resume: Path) -> None:
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     run.first, run.history = checkpoint["epoch"] + 1, checkpoint["history"]
+    run.saved = checkpoint["epoch"]
     set_rng_state(checkpoint["rng"][0])
     run.best_value = checkpoint["best_value"]
     print(f"resumed from {resume} after epoch {run.first - 1}")
@@ -344,22 +440,22 @@ def restore(run: Run, checkpoint: dict[str, Any], resume: Path) -> None:
 
 def make_loaders(run: Run) -> None:
     """The train and val loaders."""
-    train_cfg = run.config["train"]
-    workers = loader_workers(train_cfg["num_workers"], run.data)
+    train_cfg = run.config.train
+    workers = loader_workers(train_cfg.num_workers, run.data)
     loader_args = {"num_workers": workers, "pin_memory": run.device.type == "cuda", "persistent_workers": workers > 0}
     # The shuffle order depends on the seed and the epoch alone (run_epoch
     # seeds the generator), so a resumed run sees exactly the batches an
     # uninterrupted one would.
     run.sampler = RandomSampler(run.train_set, generator=run.shuffle)
-    run.train_loader = DataLoader(run.train_set, train_cfg["batch_size"], sampler=run.sampler, **loader_args)
-    run.val_loader = DataLoader(run.val_set, train_cfg["batch_size"], **loader_args)
+    run.train_loader = DataLoader(run.train_set, train_cfg.batch_size, sampler=run.sampler, **loader_args)
+    run.val_loader = DataLoader(run.val_set, train_cfg.batch_size, **loader_args)
 
 
 def begin_stages(run: Run, epoch: int) -> None:
     """Start every unfreeze stage due at `epoch`: release its part, in new param groups on the schedule."""
     while run.state.stages_done < len(run.stages) and run.stages[run.state.stages_done].epoch <= epoch:
         stage = run.stages[run.state.stages_done]
-        names = unfreeze_stage(run.model, run.state, stage, run.config["freeze"]["bn_modes"])
+        names = unfreeze_stage(run.model, run.state, stage, run.config.freeze.bn_modes)
         label = f"stage{run.state.stages_done}"
         new = param_groups(run.model, run.config, names, label, stage.lr_mult, epoch, stage.warmup_epochs)
         add_groups(run.model, run.optimizer, run.scheduler, new, run.config, run.epochs)
@@ -370,7 +466,7 @@ def begin_stages(run: Run, epoch: int) -> None:
 
 def run_epoch(run: Run, epoch: int) -> dict[str, float]:
     """Train one epoch and evaluate; the metrics row of metrics.csv."""
-    run.shuffle.manual_seed(run.config["train"]["seed"] + epoch)
+    run.shuffle.manual_seed(run.config.train.seed + epoch)
     started = time.perf_counter()
     lr = run.optimizer.param_groups[0]["lr"]
     desc = f"epoch {epoch}" if show_progress() else None
@@ -405,8 +501,17 @@ def record(run: Run, row: dict[str, float]) -> None:
 
 
 def save(run: Run, row: dict[str, float]) -> None:
-    """best.* when the monitored metric improved; last.ckpt and the epoch files, every epoch."""
-    monitor, mode = run.config["checkpoint"]["monitor"], run.config["checkpoint"]["mode"]
+    """best.* when the monitored metric improved; last.ckpt and the epoch files, every epoch.
+
+    Weights that are not finite are never written: the files of the last good epoch stay.
+    """
+    bad = non_finite(run.model.state_dict())
+    if bad:
+        raise DivergedError(
+            f"epoch {row['epoch']}: {len(bad)} tensors are not finite (first: {bad[0]}); "
+            "nothing of this epoch was saved"
+        )
+    monitor, mode = run.config.checkpoint.monitor, run.config.checkpoint.mode
     value = row[monitor]
     if value < run.best_value if mode == "min" else value > run.best_value:
         run.best_value = value
@@ -423,9 +528,10 @@ def save(run: Run, row: dict[str, float]) -> None:
         "best_value": run.best_value,
         "history": run.history,
         "freeze_manifest": manifest(run.model, run.state, run.groups),
-        "config": run.config,
+        "config": run.config.to_dict(),
     }
-    save_full(run.files, checkpoint, run.config["checkpoint"]["keep_last_k"])
+    save_full(run.files, checkpoint, run.config.checkpoint.keep_last_k)
+    run.saved = row["epoch"]
 
 
 def save_best(run: Run, epoch: int, monitor: str, value: float) -> None:
@@ -433,7 +539,7 @@ def save_best(run: Run, epoch: int, monitor: str, value: float) -> None:
     weights = run.model.state_dict()
     run.files.save("best.pt", torch_bytes(weights), {**info, "format": "state_dict"})
     # safetensors metadata is str -> str.
-    metadata = {"epoch": str(epoch), monitor: repr(value), "config_sha256": config_hash(run.config)}
+    metadata = {"epoch": str(epoch), monitor: repr(value), "config_sha256": config_hash(run.config.to_dict())}
     run.files.save("best.safetensors", safetensors_bytes(weights, metadata), {**info, "format": "safetensors"})
 
 

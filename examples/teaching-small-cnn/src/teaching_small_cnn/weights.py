@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, read_state_dict
-from .config import ConfigError
+from .checkpoint import CheckpointError, non_finite, read_state_dict
+from .config import ConfigError, InitConfig
 
 
 @dataclass
@@ -101,16 +101,9 @@ def collapse(keys: list[str], universe: list[str]) -> list[str]:
     return labels
 
 
-def compile_remap(remap: list) -> list[tuple[re.Pattern[str], str]]:
-    rules = []
-    for rule in remap:
-        if not (isinstance(rule, list) and len(rule) == 2 and all(isinstance(part, str) for part in rule)):
-            raise ConfigError(f"init.remap: each rule is a [pattern, replacement] pair of strings, got {rule!r}")
-        try:
-            rules.append((re.compile(rule[0]), rule[1]))
-        except re.error as err:
-            raise ConfigError(f"init.remap: {rule[0]!r} is not a regex: {err}") from None
-    return rules
+def compile_remap(remap: list[list[str]]) -> list[tuple[re.Pattern[str], str]]:
+    # config.check has made sure each rule is a [regex, replacement] pair.
+    return [(re.compile(pattern), replacement) for pattern, replacement in remap]
 
 
 def plan_load(model: nn.Module, source: dict[str, torch.Tensor], name: str, remap: list, first_n: int) -> LoadPlan:
@@ -145,16 +138,19 @@ def plan_load(model: nn.Module, source: dict[str, torch.Tensor], name: str, rema
     return plan
 
 
-def inspect_weights(model: nn.Module, path: str | Path, init_config: dict) -> LoadPlan:
+def inspect_weights(model: nn.Module, path: str | Path, init_config: InitConfig) -> LoadPlan:
     """The plan for loading `path` into `model`, without loading it."""
-    return plan_load(model, read_state_dict(path), str(path), init_config["remap"], init_config["first_n"])
+    return plan_load(model, read_state_dict(path), str(path), init_config.remap, init_config.first_n)
 
 
-def load_init(model: nn.Module, path: str | Path, init_config: dict) -> LoadPlan:
+def load_init(model: nn.Module, path: str | Path, init_config: InitConfig) -> LoadPlan:
     """Plan, print, check the plan against init.min_loaded_fraction, then load."""
     plan = inspect_weights(model, path, init_config)
     print(plan.format())
-    refusal = plan.refusal(init_config["min_loaded_fraction"])
+    bad = non_finite(plan.tensors)
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} tensors are not finite (first: {', '.join(bad[:3])}); none loaded")
+    refusal = plan.refusal(init_config.min_loaded_fraction)
     if refusal is not None:
         raise CheckpointError(
             f"{refusal}. The table above shows what did not match: "
