@@ -125,7 +125,8 @@ def test_options_not_chosen_leave_no_code(renders):
         assert ('"best.pt"' in train) == ("state_dict" in formats)
         assert ("last.ckpt" in train) == ("full" in formats) == ("def find_resumable" in checkpoint)
         assert ("keep_last_k" in config) == ("full" in formats) == ("--resume" in (src / "cli.py").read_text())
-        assert ("monitor" in config) == bool({"state_dict", "safetensors"} & set(formats)) == ("MONITORS" in train)
+        typed = (src / "config.py").read_text()
+        assert ("monitor" in config) == bool({"state_dict", "safetensors"} & set(formats)) == ("monitor:" in typed)
         assert ("\n[[unfreeze.stages]]" in config) == bool(row["unfreeze_at_epoch"] and row["freeze_by"] != "none")
         policy = (src / "freeze.py").read_text()
         assert ("in_frozen" in policy) == (row["bn_policy"] != "train"), "the train policy needs no part test"

@@ -28,7 +28,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from .checkpoint import RunFiles, atomic_write, load_resume, non_finite, torch_bytes, torch_load
+from .checkpoint import (
+    RunFiles,
+    atomic_write,
+    load_resume,
+    non_finite,
+    torch_bytes,
+    torch_load,
+)
 from .config import Config, ConfigError, TrainConfig, check, from_dict
 from .data import DEFAULT_DATA, make_datasets
 from .distributed import SINGLE, World, all_sum, check_in_sync, gather, on_main, start, sync_buffers, wrap

@@ -26,7 +26,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
-from .checkpoint import RunFiles, atomic_write, config_hash, load_resume, non_finite, safetensors_bytes, torch_bytes
+from .checkpoint import (
+    RunFiles,
+    atomic_write,
+    config_hash,
+    load_resume,
+    non_finite,
+    safetensors_bytes,
+    torch_bytes,
+)
 from .config import Config, ConfigError, check, from_dict
 from .data import DEFAULT_DATA, make_datasets
 from .freeze import (
