@@ -408,11 +408,9 @@ class Asked:
     overwrite: bool
 
 
-def check_config(config: Config, epochs: int, world: World, device: torch.device) -> None:
-    """Every value of the config (config.check), then what depends on this run, before anything is written."""
+def check_config(config: Config, world: World, device: torch.device) -> None:
+    """Every value of the config (config.check; --epochs is in train.epochs by now), then what depends on this run."""
     check(config)
-    if epochs < 1:
-        raise ConfigError(f"--epochs {epochs}: at least 1")
     if config.train.batch_size % world.size:
         raise ConfigError(f"train.batch_size = {config.train.batch_size}: does not split over {world.size} processes")
     if config.train.sync_bn and world.distributed and device.type != "cuda":
@@ -483,7 +481,7 @@ def start_run(config: Config | None, asked: Asked) -> Run:
     # The run's own copy, with the epochs it plans for: what the checkpoints record.
     config = copy.deepcopy(config)
     config.train.epochs = config.train.epochs if asked.epochs is None else asked.epochs
-    check_config(config, config.train.epochs, world, dev)
+    check_config(config, world, dev)
     out = asked.out or out
     if out is None:
         raise ConfigError("no run folder: pass --out or --resume")

@@ -322,11 +322,9 @@ class Asked:
     overwrite: bool
 
 
-def check_config(config: Config, epochs: int) -> None:
-    """Every value of the config (config.check), then what depends on this run, before anything is written."""
+def check_config(config: Config) -> None:
+    """Every value of the config (config.check; --epochs is in train.epochs by now), then what depends on this run."""
     check(config)
-    if epochs < 1:
-        raise ConfigError(f"--epochs {epochs}: at least 1")
 
 
 # Keys that cannot change what a run computes: a resume may take new values for them.
@@ -377,7 +375,7 @@ def start_run(config: Config | None, asked: Asked) -> Run:
     # The run's own copy, with the epochs it plans for: what the checkpoints record.
     config = copy.deepcopy(config)
     config.train.epochs = config.train.epochs if asked.epochs is None else asked.epochs
-    check_config(config, config.train.epochs)
+    check_config(config)
     out = asked.out or out
     if out is None:
         raise ConfigError("no run folder: pass --out or --resume")
