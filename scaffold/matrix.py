@@ -2,9 +2,10 @@
 
 Every pair of values of (backbone, freeze_by, bn_policy, checkpoint_formats,
 unfreeze on/off, features) that can occur together occurs in at least one
-answer set. `features` takes four values: none (the teaching profile's
-default), all (the research default) and two complementary halves, so every
-feature is both on and off beside every value of the other answers.
+answer set. `features` takes five values: none (the core alone), traps
+(the teaching profile's default), the research default and two halves that
+together hold every item, so every feature is both on and off beside every
+value of the other answers.
 The full product is small enough to enumerate, so the greedy choice below
 is exact about which pairs exist; `covered_pairs` lets a test check it.
 """
@@ -23,8 +24,8 @@ from typing import Any
 
 from .render import render
 
-# copier.yml's `features` choices, in its order: the research profile's default.
-ALL_FEATURES = (
+# copier.yml's `features` defaults per profile, in its order.
+RESEARCH_FEATURES = (
     "distributed",
     "feature_cache",
     "compile",
@@ -35,6 +36,9 @@ ALL_FEATURES = (
     "plot",
     "tensorboard",
 )
+TEACHING_FEATURES = ("traps",)
+# Every item of copier.yml's `features` choices.
+ALL_FEATURES = (*RESEARCH_FEATURES, *TEACHING_FEATURES)
 
 DIMENSIONS: dict[str, list[Any]] = {
     "backbone": [
@@ -55,9 +59,10 @@ DIMENSIONS: dict[str, list[Any]] = {
     "unfreeze_at_epoch": [0, 1],
     "features": [
         (),
-        ("distributed", "compile", "lr_shaping", "plot"),
+        TEACHING_FEATURES,
+        ("distributed", "compile", "lr_shaping", "plot", "traps"),
         ("feature_cache", "grad_checkpointing", "amp", "export", "tensorboard"),
-        ALL_FEATURES,
+        RESEARCH_FEATURES,
     ],
 }
 
@@ -109,16 +114,16 @@ def covered_pairs(sets: list[dict[str, Any]]) -> set[tuple]:
 def answers(row: dict[str, Any]) -> dict[str, Any]:
     """Copier data for one matrix row.
 
-    No features is asked as the teaching profile and all of them as the
-    default answers, so both profiles' defaults are rendered too.
+    Each profile's default features are asked as that profile alone, and no
+    features as the teaching profile with features = [], so both profiles'
+    defaults are rendered too.
     """
     data = {**row, "checkpoint_formats": list(row["checkpoint_formats"]), "features": list(row["features"])}
     if row["freeze_by"] == "none":
         del data["unfreeze_at_epoch"]
-    if not row["features"]:
+    if row["features"] in ((), TEACHING_FEATURES):
         data["profile"] = "teaching"
-        del data["features"]
-    elif row["features"] == ALL_FEATURES:
+    if row["features"] in (TEACHING_FEATURES, RESEARCH_FEATURES):
         del data["features"]
     return data
 
@@ -126,7 +131,8 @@ def answers(row: dict[str, Any]) -> dict[str, Any]:
 def label(row: dict[str, Any]) -> str:
     formats = "+".join(row["checkpoint_formats"])
     unfreeze = f"-unfreeze{row['unfreeze_at_epoch']}" if row["unfreeze_at_epoch"] else ""
-    features = {(): "core", ALL_FEATURES: "all"}.get(row["features"]) or row["features"][0] + "-half"
+    named = {(): "core", TEACHING_FEATURES: "traps", RESEARCH_FEATURES: "research"}
+    features = named.get(row["features"]) or row["features"][0] + "-half"
     return f"{row['backbone']}-{row['freeze_by']}-{row['bn_policy']}-{formats}{unfreeze}-{features}"
 
 

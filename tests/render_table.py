@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from scaffold.matrix import RESEARCH_FEATURES
 from tests.conftest import ROOT
 from tests.regen_examples import EXAMPLES
 
@@ -37,7 +38,8 @@ def row(name: str) -> str:
     src = sorted((project / "src").rglob("*.py"))
     tests = sorted((project / "tests").glob("test_*.py"))
     length, where = longest_function(src)
-    features = ", ".join(answers["features"]) if len(answers["features"]) < 9 else "all"
+    research = tuple(answers["features"]) == RESEARCH_FEATURES
+    features = "the research default (9)" if research else ", ".join(answers["features"])
     return (
         f"| `{name}` | {answers['profile']} | {features or 'none'} | {len(src)} | {sum(map(lines, src)):,} "
         f"| {lines(next(p for p in src if p.name == 'train.py'))} | {length} (`{where}`) | {len(tests)} |"

@@ -16,7 +16,7 @@ import pytest
 import timm
 import torch
 
-from scaffold.matrix import DIMENSIONS
+from scaffold.matrix import DIMENSIONS, WITHOUT_BATCHNORM
 from scaffold.render import render
 from tests.backbone_table import readme_table, table
 from tests.conftest import ROOT, import_rendered
@@ -140,3 +140,25 @@ def test_every_selector_a_render_shows_resolves_on_its_model(tmp_path, backbone)
             setattr(getattr(config, section), key, inline)
             train.prepare_model(config)
         setattr(getattr(config, section), key, {})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_every_trap_shows_on_every_backbone(tmp_path, backbone):
+    """The teaching render's `traps`: each habit fails on this model and the project's code holds."""
+    package = f"traps_{backbone}"
+    answers = {"project_name": package, "backbone": backbone, "profile": "teaching", **EXTRA_ANSWERS.get(backbone, {})}
+    project = render(tmp_path / package, {**answers, "checkpoint_formats": ["state_dict", "full"]}, src=ROOT)
+    config = import_rendered(project, package, "config").load_config()
+    rows = import_rendered(project, package, "traps").run_traps(config)
+    expected = ["typo", "zeroed_grads", "strict_false", "unfreeze_without_group", "resume_without_state"]
+    if backbone not in WITHOUT_BATCHNORM:
+        expected.insert(2, "batchnorm")
+    assert list(dict.fromkeys(row.trap for row in rows)) == expected
+    for row in rows:
+        if isinstance(row.naive, float):
+            # A drift the habit leaves (or, for the release, the training it never gets), and none of ours.
+            drift, still = (row.ours, row.naive) if row.trap == "unfreeze_without_group" else (row.naive, row.ours)
+            assert drift > 0 and still == 0, (row.trap, row.measure, row.naive, row.ours)
+        else:
+            assert row.shown, row

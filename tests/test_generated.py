@@ -19,6 +19,7 @@ from tests.conftest import make_venv
 # `freeze-scaffold matrix`.
 SUBSET = {
     "defaults": {},
+    "teaching-all-formats": {"profile": "teaching", "checkpoint_formats": ["state_dict", "safetensors", "full"]},
     "name-eval_all-all-formats-unfreeze": {
         "freeze_by": "name",
         "bn_policy": "eval_all",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scaffold.matrix import WITHOUT_BATCHNORM, all_rows, answer_sets, answers, covered_pairs, label
+from scaffold.matrix import TEACHING_FEATURES, WITHOUT_BATCHNORM, all_rows, answer_sets, answers, covered_pairs, label
 from scaffold.render import render
 from tests.conftest import ROOT
 
@@ -31,6 +31,7 @@ FEATURE_FILES = {
     "export": ({"export"}, {"test_export"}),
     "plot": ({"plot"}, {"test_plot"}),
     "tensorboard": (set(), {"test_tensorboard"}),
+    "traps": ({"traps"}, {"test_traps"}),
 }
 
 
@@ -148,6 +149,7 @@ FEATURE_TRACES = {
     "export": [("src/finetune_demo/cli.py", "export"), ("pyproject.toml", "onnx")],
     "plot": [("src/finetune_demo/cli.py", "plot"), ("pyproject.toml", "matplotlib")],
     "tensorboard": [("src/finetune_demo/train.py", "tensorboard"), ("pyproject.toml", "tensorboard")],
+    "traps": [("src/finetune_demo/cli.py", "traps"), ("README.md", "the traps, live")],
 }
 
 
@@ -173,7 +175,8 @@ def test_the_profiles_defaults_are_what_copier_records(renders):
     for row, project in renders.values():
         recorded = yaml.safe_load((project / ".copier-answers.yml").read_text())
         assert recorded["features"] == list(row["features"]), label(row)
-        assert recorded["profile"] == ("teaching" if not row["features"] else "research"), label(row)
+        teaching = row["features"] in ((), TEACHING_FEATURES)
+        assert recorded["profile"] == ("teaching" if teaching else "research"), label(row)
 
 
 def actionlint(workflows: list[Path]) -> list[dict]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import copier
 import pytest
 
-from scaffold.matrix import ALL_FEATURES, run_tests
+from scaffold.matrix import RESEARCH_FEATURES, run_tests
 from tests.conftest import ROOT
 
 
@@ -87,7 +87,7 @@ def test_a_project_from_before_features_updates_and_keeps_every_file(tmp_path):
     assert "_commit: v2.0.0" in answers and "profile: research" in answers
     after = files_of(project)
     assert before <= after, f"lost on update: {sorted(before - after)}"
-    for feature in ALL_FEATURES:
+    for feature in RESEARCH_FEATURES:
         assert f"- {feature}" in answers, feature
     assert not list(project.rglob("*.rej")), "the update left conflicts"
     proc = run_tests(project, ["-x", "-m", "not slow"])

@@ -1,4 +1,4 @@
-"""Command line: `teaching_small_cnn layers | inspect-weights | train | evaluate`."""
+"""Command line: `teaching_small_cnn layers | inspect-weights | train | evaluate | traps`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .freeze import FreezeSpecError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
 from .model import build_model
 from .train import DivergedError, Stopped, evaluate, fit, prepare_model
+from .traps import TRAPS, format_table, run_traps
 from .weights import inspect_weights
 
 # A spec in this model's own names, for --help.
@@ -83,6 +84,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     ev.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt")
     ev.add_argument("--data", default=DEFAULT_DATA)
     ev.add_argument("--device")
+
+    traps = commands.add_parser("traps", help="run each blog habit beside this project's code and measure both")
+    traps.add_argument("--json", action="store_true", help="print a JSON list of {trap, measure, naive, ours, unit}")
+    traps.add_argument("--only", choices=list(TRAPS), help="run one trap")
     return parser
 
 
@@ -181,6 +186,13 @@ def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_traps(args: argparse.Namespace, config: Config) -> int:
+    rows = run_traps(config, args.only)
+    print(json.dumps([row.to_json() for row in rows], indent=2) if args.json else format_table(rows))
+    # Non-zero when a trap did not show: the habit held, or our code did not.
+    return 0 if all(row.shown for row in rows) else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     commands = {
@@ -188,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "inspect-weights": cmd_inspect_weights,
         "train": cmd_train,
         "evaluate": cmd_evaluate,
+        "traps": cmd_traps,
     }
     try:
         config = load_config(args.config)
