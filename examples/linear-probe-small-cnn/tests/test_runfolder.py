@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import child_env, shrink, to_toml
 
-from linear_probe_small_cnn.checkpoint import CheckpointError, RunFiles
+from linear_probe_small_cnn.checkpoint import CheckpointError, RunFiles, read_state_dict
 from linear_probe_small_cnn.cli import main
+from linear_probe_small_cnn.config import load_config
 from linear_probe_small_cnn.freeze import FreezeSpecError
 from linear_probe_small_cnn.model import build_model
 from linear_probe_small_cnn.train import DivergedError, fit, prepare_model
@@ -175,8 +176,12 @@ def test_a_resume_keeps_the_config_that_trained_it_and_refuses_another(tmp_path,
     assert "train.epochs: 3 -> 5" in capsys.readouterr().err
     assert main(["train", "--resume", str(out), "--init", str(out / "last.ckpt")]) == 2
     assert "--init starts a new run and --resume continues one" in capsys.readouterr().err
-    # No --config: the saved one (lr 0.002, 3 epochs), not the packaged defaults.
-    assert main(["train", "--resume", str(out)]) == 0
+    # --set is laid over the saved config, and held to the same rule.
+    assert main(["--set", "train.lr=0.004", "train", "--resume", str(out)]) == 2
+    assert "train.lr: 0.002 -> 0.004" in capsys.readouterr().err
+    # No --config: the saved one (lr 0.002, 3 epochs), not the packaged defaults;
+    # the worker count cannot change the result, so --set may change it.
+    assert main(["--set", "train.num_workers=0", "train", "--resume", str(out)]) == 0
     saved = torch.load(out / "last.ckpt", weights_only=True)
     assert saved["epoch"] == 2 and saved["config"]["train"]["lr"] == 0.002 and saved["config"]["train"]["epochs"] == 3
 
@@ -187,6 +192,20 @@ def test_a_resume_may_change_what_cannot_change_the_result(tmp_path, small):
     small.train.num_workers = 1
     history = fit(small, None, resume=out, device="cpu")
     assert [row["epoch"] for row in history] == [0, 1]
+
+
+def test_the_run_folder_config_repeats_the_run_bit_for_bit(tmp_path, small):
+    """RUN/config.toml is the resolved config: --config RUN/config.toml trains the same weights again."""
+    config_file = tmp_path / "small.toml"
+    config_file.write_text(to_toml(small))
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--device", "cpu", "--epochs", "2"]
+    assert main(["--config", str(config_file), "--set", "train.lr=0.02", "train", "--out", str(first), *common]) == 0
+    resolved = load_config(first / "config.toml")
+    assert resolved.train.lr == 0.02 and resolved.train.epochs == 2
+    assert main(["--config", str(first / "config.toml"), "train", "--out", str(second), "--device", "cpu"]) == 0
+    before, again = read_state_dict(first / "best.pt"), read_state_dict(second / "best.pt")
+    assert before.keys() == again.keys() and all(torch.equal(before[k], again[k]) for k in before)
 
 
 SIGTERM_RUN = textwrap.dedent(

@@ -69,3 +69,31 @@ def test_a_config_changed_in_code_is_checked_too(tmp_path, config):
 def test_reads_as_typed_sections(config):
     assert isinstance(config.train.lr, float) and isinstance(config.train.epochs, int)
     assert config.to_dict()["train"]["lr"] == config.train.lr
+
+
+def test_set_takes_toml_values_over_the_config_file(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text("[train]\nlr = 0.1\nseed = 3\n")
+    overrides = ["train.lr=3e-4", 'freeze.keep_trainable=["head"]', "train.num_workers=auto", "train.seed=7"]
+    config = load_config(path, overrides)
+    assert config.train.lr == 3e-4 and config.train.seed == 7
+    assert config.freeze.keep_trainable == ["head"]
+    # Not a TOML value: taken as the string it spells.
+    assert config.train.num_workers == "auto"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trian.lr=1", "--set trian.lr=1: unknown section [trian]; did you mean train?"),
+        ("train.batch_sise=8", "--set train.batch_sise=8: unknown key train.batch_sise; did you mean batch_size"),
+        ("train.lr=fast", "train.lr = 'fast': must be a number"),
+        ("train.lr", "--set 'train.lr': expected section.key=value, e.g. --set train.lr=3e-4"),
+    ],
+)
+def test_a_bad_set_is_one_line_and_nothing_is_written(tmp_path, capsys, override, message):
+    out = tmp_path / "run"
+    assert main(["--set", override, "train", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not out.exists()

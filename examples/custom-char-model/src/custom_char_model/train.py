@@ -18,11 +18,12 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import tomli_w
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -36,7 +37,7 @@ from .checkpoint import (
     torch_bytes,
     torch_load,
 )
-from .config import Config, ConfigError, TrainConfig, check, from_dict
+from .config import Config, ConfigError, TrainConfig, apply_overrides, check, from_dict
 from .data import DEFAULT_DATA, make_datasets
 from .distributed import SINGLE, World, all_sum, check_in_sync, gather, on_main, start, sync_buffers, wrap
 from .features import CachedBatches, build_cache, cache_decision, cache_risks
@@ -342,6 +343,7 @@ def fit(
     epochs: int | None = None,
     init: str | Path | None = None,
     resume: str | Path | None = None,
+    overrides: Sequence[str] = (),
     stop_after: int | None = None,
     device: str | None = None,
     freeze_from: str | Path | None = None,
@@ -354,13 +356,14 @@ def fit(
     `resume` is a full checkpoint or a run folder (its newest checkpoint that
     matches checkpoints.json); `out` then defaults to that checkpoint's folder.
     A resume trains on with the config saved in the checkpoint; `config`, if
-    given, may differ from it only in keys that cannot change the result.
+    given, may differ from it only in keys that cannot change the result,
+    and so may `overrides` ("section.key=value", laid over the saved config).
     `freeze_from` is a freeze_manifest.json whose freeze state replaces the
     config's spec. `overwrite` deletes the run a folder holds and starts over.
     Under torchrun every process runs this with its share of each batch
     (`train.batch_size` is the global batch); rank 0 alone writes and prints.
     """
-    asked = Asked(out, data, epochs, init, resume, device, freeze_from, overwrite)
+    asked = Asked(out, data, epochs, init, resume, overrides, device, freeze_from, overwrite)
     run = start_run(config, asked)
     try:
         open_run(run, asked)
@@ -400,6 +403,7 @@ class Asked:
     epochs: int | None
     init: str | Path | None
     resume: str | Path | None
+    overrides: Sequence[str]
     device: str | None
     freeze_from: str | Path | None
     overwrite: bool
@@ -433,6 +437,8 @@ def resumed_config(config: Config | None, asked: Asked, world: World) -> tuple[C
     except (ConfigError, KeyError, TypeError) as err:
         raise ConfigError(f"{path}: its config does not fit this project ({err})") from None
     now = config.to_dict() if config is not None else saved.to_dict()
+    # --set on a resume is checked against the saved config like a --config file.
+    apply_overrides(now, asked.overrides)
     if asked.epochs is not None:
         now["train"]["epochs"] = asked.epochs
     old = saved.to_dict()
@@ -518,13 +524,19 @@ def open_run(run: Run, asked: Asked) -> None:
     if run.checkpoint is not None:
         restore(run, run.checkpoint, run.resumed_from)
     if run.world.main:
-        write_json(run.out / "freeze_manifest.json", manifest(run.model, run.state, run.groups))
+        write_record(run)
     # Built after the freeze (and the stages a resume put back): DDP
     # registers only the parameters that require grad when it is made.
     run.net = make_net(run.model, run.world, run.device, run.config)
     make_loaders(run)
     if run.board_writer is not None:
         run.board = run.board_writer(run.out / "tensorboard", purge_step=run.first)
+
+
+def write_record(run: Run) -> None:
+    """What the run is: its resolved config (`--config RUN/config.toml` repeats it) and its freeze state."""
+    atomic_write(run.out / "config.toml", lambda f: f.write(tomli_w.dumps(run.config.to_dict()).encode()))
+    write_json(run.out / "freeze_manifest.json", manifest(run.model, run.state, run.groups))
 
 
 def build_training(run: Run, checkpoint: dict[str, Any] | None) -> None:

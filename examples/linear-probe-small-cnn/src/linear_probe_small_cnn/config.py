@@ -16,6 +16,7 @@ import math
 import re
 import tomllib
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -120,8 +121,11 @@ MOVED = {
 }
 
 
-def load_config(path: str | Path | None = None) -> Config:
-    """The packaged defaults, overlaid with the file at `path`, typed and checked."""
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """The packaged defaults, overlaid with the file at `path`, then `overrides`; typed and checked.
+
+    An override is "section.key=value" (`--set` on the command line).
+    """
     tables = _read(resources.files(__package__).joinpath("config.toml").read_text(), "the packaged config.toml")
     if path is not None:
         path = Path(path)
@@ -131,8 +135,10 @@ def load_config(path: str | Path | None = None) -> Config:
             raise ConfigError(f"config file {path} does not exist") from None
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-        _overlay(tables, _read(text, str(path)), path)
-    where = f"{path}: " if path is not None else ""
+        _overlay(tables, _read(text, str(path)), str(path))
+    apply_overrides(tables, overrides)
+    # A bad value names its key; the file is worth naming when it is the only source.
+    where = f"{path}: " if path is not None and not overrides else ""
     try:
         config = from_dict(tables)
         check(config)
@@ -148,17 +154,36 @@ def _read(text: str, name: str) -> dict[str, Any]:
         raise ConfigError(f"{name}: {err}") from None
 
 
-def _overlay(tables: dict[str, Any], user: dict[str, Any], path: Path) -> None:
+def _overlay(tables: dict[str, Any], user: dict[str, Any], where: str) -> None:
     """The user's keys over the defaults; a section or key the defaults lack is an error."""
     for section, values in user.items():
         if section not in tables or not isinstance(values, dict):
-            raise ConfigError(f"{path}: unknown section [{section}]{_near(section, tables)}")
+            raise ConfigError(f"{where}: unknown section [{section}]{_near(section, tables)}")
         for key, value in values.items():
             if f"{section}.{key}" in MOVED:
-                raise ConfigError(f"{path}: {section}.{key} moved; write {MOVED[f'{section}.{key}']}")
+                raise ConfigError(f"{where}: {section}.{key} moved; write {MOVED[f'{section}.{key}']}")
             if key not in tables[section]:
-                raise ConfigError(f"{path}: unknown key {section}.{key}{_near(key, tables[section])}")
+                raise ConfigError(f"{where}: unknown key {section}.{key}{_near(key, tables[section])}")
             tables[section][key] = value
+
+
+def apply_overrides(tables: dict[str, Any], overrides: Sequence[str]) -> None:
+    """Each "section.key=value" over `tables`, in order.
+
+    The value is read as TOML (3e-4, true, ["layer1"], { "layer4" = "eval" });
+    text that is not a TOML value is taken as a string, so
+    checkpoint.monitor=val_loss needs no quotes.
+    """
+    for text in overrides:
+        name, equals, raw = text.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not equals or not dot or not section or not key:
+            raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set train.lr=3e-4")
+        try:
+            value = tomllib.loads(f"value = {raw}")["value"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        _overlay(tables, {section: {key: value}}, f"--set {text}")
 
 
 def from_dict(tables: dict[str, dict[str, Any]]) -> Config:

@@ -49,6 +49,13 @@ def at_least_one(text: str) -> int:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="teaching_small_cnn", description=__doc__)
     parser.add_argument("--config", help="TOML file overriding the packaged config.toml")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one key after --config; the value is TOML (--set train.lr=3e-4); repeatable",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     layers = commands.add_parser("layers", help="list children, modules and parameters with their freeze state")
@@ -111,13 +118,15 @@ def cmd_layers(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_train(args: argparse.Namespace, config: Config) -> int:
-    # A resume trains on with the config its checkpoint saved; a --config given now is checked against it.
+    # A resume trains on with the config its checkpoint saved; a --config or
+    # --set given now is checked against it.
     resumed_config = None if args.resume is not None and args.config is None else config
     options = {
         "data": args.data,
         "epochs": args.epochs,
         "init": args.init,
         "resume": args.resume,
+        "overrides": args.set,
         "stop_after": args.stop_after,
         "device": args.device,
         "freeze_from": args.freeze_from,
@@ -203,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "traps": cmd_traps,
     }
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, args.set)
         return commands[args.command](args, config)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

@@ -16,11 +16,12 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import tomli_w
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
@@ -35,7 +36,7 @@ from .checkpoint import (
     safetensors_bytes,
     torch_bytes,
 )
-from .config import Config, ConfigError, check, from_dict
+from .config import Config, ConfigError, apply_overrides, check, from_dict
 from .data import DEFAULT_DATA, make_datasets
 from .freeze import (
     FreezeState,
@@ -263,6 +264,7 @@ def fit(
     epochs: int | None = None,
     init: str | Path | None = None,
     resume: str | Path | None = None,
+    overrides: Sequence[str] = (),
     stop_after: int | None = None,
     device: str | None = None,
     freeze_from: str | Path | None = None,
@@ -275,11 +277,12 @@ def fit(
     `resume` is a full checkpoint or a run folder (its newest checkpoint that
     matches checkpoints.json); `out` then defaults to that checkpoint's folder.
     A resume trains on with the config saved in the checkpoint; `config`, if
-    given, may differ from it only in keys that cannot change the result.
+    given, may differ from it only in keys that cannot change the result,
+    and so may `overrides` ("section.key=value", laid over the saved config).
     `freeze_from` is a freeze_manifest.json whose freeze state replaces the
     config's spec. `overwrite` deletes the run a folder holds and starts over.
     """
-    asked = Asked(out, data, epochs, init, resume, device, freeze_from, overwrite)
+    asked = Asked(out, data, epochs, init, resume, overrides, device, freeze_from, overwrite)
     run = start_run(config, asked)
     try:
         open_run(run, asked)
@@ -317,6 +320,7 @@ class Asked:
     epochs: int | None
     init: str | Path | None
     resume: str | Path | None
+    overrides: Sequence[str]
     device: str | None
     freeze_from: str | Path | None
     overwrite: bool
@@ -346,6 +350,8 @@ def resumed_config(config: Config | None, asked: Asked) -> tuple[Config, dict[st
     except (ConfigError, KeyError, TypeError) as err:
         raise ConfigError(f"{path}: its config does not fit this project ({err})") from None
     now = config.to_dict() if config is not None else saved.to_dict()
+    # --set on a resume is checked against the saved config like a --config file.
+    apply_overrides(now, asked.overrides)
     if asked.epochs is not None:
         now["train"]["epochs"] = asked.epochs
     old = saved.to_dict()
@@ -409,10 +415,16 @@ def open_run(run: Run, asked: Asked) -> None:
     build_training(run, run.checkpoint)
     if run.checkpoint is not None:
         restore(run, run.checkpoint, run.resumed_from)
-    write_json(run.out / "freeze_manifest.json", manifest(run.model, run.state, run.groups))
+    write_record(run)
     # Built after the freeze (and the stages a resume put back).
     run.net = run.model
     make_loaders(run)
+
+
+def write_record(run: Run) -> None:
+    """What the run is: its resolved config (`--config RUN/config.toml` repeats it) and its freeze state."""
+    atomic_write(run.out / "config.toml", lambda f: f.write(tomli_w.dumps(run.config.to_dict()).encode()))
+    write_json(run.out / "freeze_manifest.json", manifest(run.model, run.state, run.groups))
 
 
 def build_training(run: Run, checkpoint: dict[str, Any] | None) -> None:
