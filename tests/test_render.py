@@ -60,7 +60,8 @@ def expected_files(row: dict, package: str) -> set[str]:
         # The shipped example: a character model and its sequence data.
         files.add(f"{src}/char_model.py")
     else:
-        files.add("tests/test_data.py")
+        # Image models: image folders, and predict on image files.
+        files |= {"tests/test_data.py", "tests/test_predict.py", f"{src}/predict.py"}
     if "full" in row["checkpoint_formats"]:
         files.add("tests/test_resume.py")
     return files

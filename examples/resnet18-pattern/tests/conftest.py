@@ -40,6 +40,21 @@ def small_config() -> Config:
     return cfg
 
 
+def image_folder(root: Path, classes: int = 2, per_class: int = 2, names: list[str] | None = None) -> Path:
+    """root/train/<class>/*.png and root/val/<class>/*.png of random pixels; classes named class0, ... or `names`."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for name in names or [f"class{c}" for c in range(classes)]:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (40, 48, 3), generator=generator, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    return root
+
+
 def shrink(config: Config, train_size: int, val_size: int) -> None:
     """A synthetic dataset of these sizes."""
     vars(config.data).update(synthetic_train_size=train_size, synthetic_val_size=val_size)

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import image_folder
 from PIL import Image
 
 from resnet18_pattern.data import DataError, image_folder_datasets, image_transforms, make_datasets
 from resnet18_pattern.model import preprocessing
-
-
-def image_folder(root: Path, classes: int = 2, per_class: int = 2) -> Path:
-    generator = torch.Generator().manual_seed(0)
-    for split in ("train", "val"):
-        for c in range(classes):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                pixels = torch.randint(0, 256, (40, 48, 3), generator=generator, dtype=torch.uint8)
-                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
-    return root
 
 
 def test_validation_preprocessing_is_the_weights_own():

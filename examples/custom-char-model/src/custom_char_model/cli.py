@@ -12,9 +12,9 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import CheckpointError, read_state_dict
+from .checkpoint import CheckpointError, read_classes, read_state_dict
 from .config import Config, ConfigError, load_config
-from .data import DEFAULT_DATA, DataError, example_inputs, make_datasets
+from .data import DEFAULT_DATA, DataError, class_names, example_inputs, make_datasets
 from .distributed import pick_device, stop
 from .export import FORMATS, ExportError, export
 from .freeze import FreezeSpecError
@@ -39,7 +39,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 
 
 def at_least_one(text: str) -> int:
-    """An epoch count: a whole number >= 1 (argparse names the flag)."""
+    """A count (epochs, images): a whole number >= 1 (argparse names the flag)."""
     try:
         value = int(text)
     except ValueError:
@@ -73,22 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect-weights", help="plan loading a weights file as --init would, load nothing")
     inspect.add_argument("file", help=".pt, .pth, .bin, .ckpt or .safetensors")
 
-    train = commands.add_parser("train", help="fine-tune and write a run folder")
-    train.add_argument("--out", help="run folder to write (default with --resume: the resumed run's folder)")
-    train.add_argument("--epochs", type=at_least_one, help="total epochs (default: train.epochs in the config)")
-    train.add_argument("--data", default=DEFAULT_DATA, help="'custom': the datasets of custom_data")
-    train.add_argument("--init", help="weights to start from (.pt, .pth, .bin, .ckpt, .safetensors)")
-    train.add_argument(
-        "--resume", help="a run folder (its newest checkpoint that matches checkpoints.json) or one full checkpoint"
-    )
-    train.add_argument("--stop-after", type=at_least_one, help="stop this invocation after N epochs")
-    train.add_argument(
-        "--overwrite", action="store_true", help="delete the run that --out holds and start over (never mixes two runs)"
-    )
-    train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    train.add_argument(
-        "--freeze-from", help="freeze_manifest.json of another run: its freeze state replaces the config's spec"
-    )
+    add_train_command(commands)
 
     ev = commands.add_parser("evaluate", help="loss and accuracy of saved weights")
     ev.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt")
@@ -106,6 +91,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="draw a run folder's metrics.csv as DIR/curves.png")
     plot.add_argument("dir", help="run folder")
     return parser
+
+
+def add_train_command(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser("train", help="fine-tune and write a run folder")
+    train.add_argument("--out", help="run folder to write (default with --resume: the resumed run's folder)")
+    train.add_argument("--epochs", type=at_least_one, help="total epochs (default: train.epochs in the config)")
+    train.add_argument("--data", default=DEFAULT_DATA, help="'custom': the datasets of custom_data")
+    train.add_argument("--init", help="weights to start from (.pt, .pth, .bin, .ckpt, .safetensors)")
+    train.add_argument(
+        "--resume", help="a run folder (its newest checkpoint that matches checkpoints.json) or one full checkpoint"
+    )
+    train.add_argument("--stop-after", type=at_least_one, help="stop this invocation after N epochs")
+    train.add_argument(
+        "--overwrite", action="store_true", help="delete the run that --out holds and start over (never mixes two runs)"
+    )
+    train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    train.add_argument(
+        "--freeze-from", help="freeze_manifest.json of another run: its freeze state replaces the config's spec"
+    )
 
 
 def cmd_layers(args: argparse.Namespace, config: Config) -> int:
@@ -209,6 +213,9 @@ def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
     device = pick_device(args.device)
     model = trained_model(args.weights, config)
     _, val_set = make_datasets(args.data, config)
+    saved, names = read_classes(args.weights), class_names(val_set, config.model.num_classes)
+    if saved is not None and saved != names:
+        raise DataError(f"{args.weights} was trained on the classes {saved}; --data {args.data} has {names}")
     loader = DataLoader(val_set, batch_size=config.train.batch_size)
     loss, acc = evaluate(model.to(device), loader, device)
     print(json.dumps({"weights": args.weights, "val_loss": loss, "val_acc": acc}))

@@ -29,6 +29,14 @@ def make_datasets(data: str, config: Config) -> tuple[Dataset, Dataset]:
     return result
 
 
+def class_names(dataset: Dataset, num_classes: int) -> list[str]:
+    """The class names in index order: an image folder's folder names, else class_0, class_1, ..."""
+    names = getattr(dataset, "classes", None)
+    if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
+        return list(names)
+    return [f"class_{i}" for i in range(num_classes)]
+
+
 def example_inputs(config: Config, count: int) -> torch.Tensor:
     """`count` inputs from the custom_data training set: what export traces and the tests feed the model."""
     train, _ = make_datasets(DEFAULT_DATA, config)

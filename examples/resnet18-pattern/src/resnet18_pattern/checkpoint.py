@@ -285,6 +285,34 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def read_classes(path: str | Path) -> list[str] | None:
+    """The class names saved with a weights file, or None where it has none.
+
+    They are its own (safetensors metadata, a full checkpoint's "classes"),
+    else those of the classes.json beside it (a plain best.pt has no room).
+    """
+    path = Path(path)
+    names: Any = None
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            text = (f.metadata() or {}).get("classes")
+        names = json.loads(text) if text else None
+    elif path.suffix in TORCH_SUFFIXES:
+        obj = torch_load(path)
+        names = obj.get("classes") if isinstance(obj, dict) else None
+    beside = path.parent / "classes.json"
+    if names is None and beside.is_file():
+        try:
+            names = json.loads(beside.read_text())
+        except ValueError as err:
+            raise CheckpointError(f"{beside} is not JSON ({err})") from None
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise CheckpointError(f"the class names of {path} are not a list of strings: {names!r}")
+    return names
+
+
 def _strip_prefixes(key: str) -> str:
     stripped = True
     while stripped:

@@ -40,7 +40,7 @@ from .checkpoint import (
     torch_load,
 )
 from .config import Config, ConfigError, TrainConfig, apply_overrides, check, from_dict
-from .data import DEFAULT_DATA, make_datasets
+from .data import DEFAULT_DATA, class_names, make_datasets
 from .distributed import SINGLE, World, all_sum, check_in_sync, gather, on_main, start, sync_buffers, wrap
 from .features import CachedBatches, build_cache, cache_decision, cache_risks
 from .freeze import (
@@ -321,6 +321,7 @@ class Run:
     net: nn.Module | None = None
     train_set: Dataset | None = None
     val_set: Dataset | None = None
+    classes: list[str] = field(default_factory=list)  # names in label order, saved with the weights
     sampler: DistributedSampler | None = None
     train_loader: DataLoader | None = None
     val_loader: DataLoader | None = None
@@ -511,6 +512,12 @@ def start_run(config: Config | None, asked: Asked) -> Run:
         run.state = state_from_manifest(model, checkpoint["freeze_manifest"], f"{resume} freeze_manifest")
         apply(model, run.state)
     run.train_set, run.val_set = make_datasets(asked.data, config)
+    run.classes = class_names(run.train_set, config.model.num_classes)
+    saved = checkpoint.get("classes") if checkpoint is not None else None
+    if saved is not None and saved != run.classes:
+        raise ConfigError(
+            f"--resume {resume} was trained on the classes {saved}; --data {asked.data} has {run.classes}"
+        )
     run.board_writer = tensorboard_writer() if config.log.tensorboard and world.main else None
     return run
 
@@ -536,8 +543,9 @@ def open_run(run: Run, asked: Asked) -> None:
 
 
 def write_record(run: Run) -> None:
-    """What the run is: its resolved config (`--config RUN/config.toml` repeats it) and its freeze state."""
+    """What the run is: its resolved config (`--config RUN/config.toml` repeats it), class names, freeze state."""
     atomic_write(run.out / "config.toml", lambda f: f.write(tomli_w.dumps(run.config.to_dict()).encode()))
+    write_json(run.out / "classes.json", run.classes)
     write_json(run.out / "freeze_manifest.json", manifest(run.model, run.state, run.groups))
 
 
@@ -710,6 +718,7 @@ def save(run: Run, row: dict[str, float]) -> None:
         "history": run.history,
         "freeze_manifest": manifest(run.model, run.state, run.groups),
         "config": run.config.to_dict(),
+        "classes": run.classes,
     }
     save_full(run.files, checkpoint, run.config.checkpoint.keep_last_k)
     run.saved = row["epoch"]
@@ -720,7 +729,12 @@ def save_best(run: Run, epoch: int, monitor: str, value: float) -> None:
     weights = run.model.state_dict()
     run.files.save("best.pt", torch_bytes(weights), {**info, "format": "state_dict"})
     # safetensors metadata is str -> str.
-    metadata = {"epoch": str(epoch), monitor: repr(value), "config_sha256": config_hash(run.config.to_dict())}
+    metadata = {
+        "epoch": str(epoch),
+        monitor: repr(value),
+        "config_sha256": config_hash(run.config.to_dict()),
+        "classes": json.dumps(run.classes),
+    }
     run.files.save("best.safetensors", safetensors_bytes(weights, metadata), {**info, "format": "safetensors"})
 
 

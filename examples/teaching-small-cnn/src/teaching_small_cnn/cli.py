@@ -1,4 +1,4 @@
-"""Command line: `teaching_small_cnn layers | inspect-weights | train | evaluate | traps`."""
+"""Command line: `teaching_small_cnn layers | inspect-weights | train | evaluate | predict | traps`."""
 
 from __future__ import annotations
 
@@ -8,18 +8,20 @@ import json
 import signal
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import CheckpointError, read_state_dict
+from .checkpoint import CheckpointError, read_classes, read_state_dict
 from .config import Config, ConfigError, load_config
-from .data import DEFAULT_DATA, DataError, make_datasets
+from .data import DEFAULT_DATA, DataError, class_names, make_datasets
 from .freeze import FreezeSpecError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
 from .model import build_model
-from .train import DivergedError, Stopped, evaluate, fit, prepare_model
+from .predict import format_rows, image_files, predict, write_csv
+from .train import DivergedError, Stopped, evaluate, fit, loader_workers, prepare_model
 from .traps import TRAPS, format_table, run_traps
 from .weights import inspect_weights
 
@@ -36,7 +38,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 
 
 def at_least_one(text: str) -> int:
-    """An epoch count: a whole number >= 1 (argparse names the flag)."""
+    """A count (epochs, images): a whole number >= 1 (argparse names the flag)."""
     try:
         value = int(text)
     except ValueError:
@@ -70,6 +72,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect-weights", help="plan loading a weights file as --init would, load nothing")
     inspect.add_argument("file", help=".pt, .pth, .bin, .ckpt or .safetensors")
 
+    add_train_command(commands)
+
+    ev = commands.add_parser("evaluate", help="loss and accuracy of saved weights")
+    ev.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt")
+    ev.add_argument("--data", default=DEFAULT_DATA)
+    ev.add_argument("--device")
+
+    pr = commands.add_parser("predict", help="classify image files or folders with saved weights")
+    pr.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt; class names come with it")
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="an image file, or a folder searched recursively")
+    pr.add_argument("--top-k", type=at_least_one, default=1, help="the K most probable classes of each image")
+    pr.add_argument("--out", help="write a CSV (path,rank,label,probability) instead of the table")
+    pr.add_argument("--batch-size", type=at_least_one, help="images per batch (default: train.batch_size)")
+    pr.add_argument("--device")
+
+    traps = commands.add_parser("traps", help="run each blog habit beside this project's code and measure both")
+    traps.add_argument("--json", action="store_true", help="print a JSON list of {trap, measure, naive, ours, unit}")
+    traps.add_argument("--only", choices=list(TRAPS), help="run one trap")
+    return parser
+
+
+def add_train_command(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="fine-tune and write a run folder")
     train.add_argument("--out", help="run folder to write (default with --resume: the resumed run's folder)")
     train.add_argument("--epochs", type=at_least_one, help="total epochs (default: train.epochs in the config)")
@@ -86,16 +110,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--freeze-from", help="freeze_manifest.json of another run: its freeze state replaces the config's spec"
     )
-
-    ev = commands.add_parser("evaluate", help="loss and accuracy of saved weights")
-    ev.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt")
-    ev.add_argument("--data", default=DEFAULT_DATA)
-    ev.add_argument("--device")
-
-    traps = commands.add_parser("traps", help="run each blog habit beside this project's code and measure both")
-    traps.add_argument("--json", action="store_true", help="print a JSON list of {trap, measure, naive, ours, unit}")
-    traps.add_argument("--only", choices=list(TRAPS), help="run one trap")
-    return parser
 
 
 def cmd_layers(args: argparse.Namespace, config: Config) -> int:
@@ -189,6 +203,9 @@ def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = trained_model(args.weights, config)
     _, val_set = make_datasets(args.data, config)
+    saved, names = read_classes(args.weights), class_names(val_set, config.model.num_classes)
+    if saved is not None and saved != names:
+        raise DataError(f"{args.weights} was trained on the classes {saved}; --data {args.data} has {names}")
     loader = DataLoader(val_set, batch_size=config.train.batch_size)
     loss, acc = evaluate(model.to(device), loader, device)
     print(json.dumps({"weights": args.weights, "val_loss": loss, "val_acc": acc}))
@@ -202,6 +219,29 @@ def cmd_traps(args: argparse.Namespace, config: Config) -> int:
     return 0 if all(row.shown for row in rows) else 1
 
 
+def cmd_predict(args: argparse.Namespace, config: Config) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = trained_model(args.weights, config).to(device)
+    classes = read_classes(args.weights) or [f"class_{i}" for i in range(config.model.num_classes)]
+    if len(classes) != config.model.num_classes:
+        raise CheckpointError(f"{args.weights} names {len(classes)} classes; the model has {config.model.num_classes}")
+    if args.top_k > len(classes):
+        raise ConfigError(f"--top-k {args.top_k}: the model has {len(classes)} classes")
+    files = image_files(args.paths)
+    workers = loader_workers(config.train.num_workers, "images")
+    batch = args.batch_size or config.train.batch_size
+    rows, skipped = predict(model, files, classes, config.train.image_size, args.top_k, batch, device, workers)
+    if args.out:
+        write_csv(Path(args.out), rows)
+        print(f"wrote {args.out}: {len(files) - len(skipped)} images, top {args.top_k} each")
+    else:
+        print(format_rows(rows))
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    # 1: the answers are there, but not for every image asked about.
+    return 1 if skipped else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     commands = {
@@ -209,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "inspect-weights": cmd_inspect_weights,
         "train": cmd_train,
         "evaluate": cmd_evaluate,
+        "predict": cmd_predict,
         "traps": cmd_traps,
     }
     try:
