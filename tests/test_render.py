@@ -38,7 +38,8 @@ FEATURE_FILES = {
 def expected_files(row: dict, package: str) -> set[str]:
     """The file set, derived from the answers independently of the template."""
     src = f"src/{package}"
-    modules = {"__init__", "__main__", "batchnorm", "checkpoint", "cli", "config", "data", "freeze", "layers"}
+    modules = {"__init__", "__main__", "batchnorm", "checkpoint", "cli", "config", "data", "evaluation", "freeze"}
+    modules.add("layers")
     modules |= {"model", "optim", "rng", "runfolder", "train", "weights"}
     tests = {"conftest", "test_batchnorm", "test_checkpoint", "test_config", "test_cuda", "test_fast", "test_feedback"}
     tests |= {"test_freeze", "test_optim", "test_runfolder", "test_stages", "test_train", "test_model"}

@@ -11,6 +11,7 @@ from conftest import pretrained_like
 
 from custom_char_model.checkpoint import read_state_dict
 from custom_char_model.cli import main
+from custom_char_model.evaluation import finite_or_null, report
 from custom_char_model.model import HEAD, build_model
 from custom_char_model.train import METRIC_COLUMNS, fit
 
@@ -79,6 +80,37 @@ def test_evaluate_reports_accuracy_of_saved_weights(tmp_path, config, config_fil
     fit(config, out, epochs=1, device="cpu")
     weights = out / "best.pt"
     capsys.readouterr()
-    assert main(["--config", str(config_file), "evaluate", "--weights", str(weights)]) == 0
-    result = json.loads(capsys.readouterr().out)
+    report_dir = tmp_path / "report"
+    assert main(["--config", str(config_file), "evaluate", "--weights", str(weights), "--out", str(report_dir)]) == 0
+    result = json.loads(capsys.readouterr().out, parse_constant=no_nan)
     assert 0.0 <= result["val_acc"] <= 1.0
+    per_class = result["per_class"]
+    assert len(per_class) == config.model.num_classes
+    images = sum(row["images"] for row in per_class)
+    correct = sum(round(row["accuracy"] * row["images"]) for row in per_class if row["images"])
+    assert correct / images == result["val_acc"]
+    assert result["top_k"] == (5 if config.model.num_classes > 5 else 1)
+    assert result["val_top_k_acc"] >= result["val_acc"]
+    with open(report_dir / "confusion.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][1:] == [row["class"] for row in per_class]
+    assert sum(int(count) for row in rows[1:] for count in row[1:]) == images
+    with open(report_dir / "per_class.csv") as f:
+        assert [row["class"] for row in csv.DictReader(f)] == rows[0][1:]
+    assert (report_dir / "confusion.png").read_bytes().startswith(b"\x89PNG")
+
+
+def no_nan(constant: str) -> None:
+    raise AssertionError(f"{constant} is not JSON")
+
+
+def test_the_report_says_null_where_there_is_nothing_to_divide_by():
+    # Class 0: 3 images, all right; class 1: 1 image, called class 0; class 2: no images, never predicted.
+    confusion = torch.tensor([[3, 0, 0], [1, 0, 0], [0, 0, 0]])
+    result = finite_or_null(report(confusion, ["a", "b", "c"], float("nan"), 1, 0.75))
+    assert result["val_loss"] is None and result["val_acc"] == 0.75
+    a, b, c = result["per_class"]
+    assert (a["precision"], a["recall"], a["accuracy"]) == (0.75, 1.0, 1.0)
+    assert b["precision"] is None and b["recall"] == 0.0
+    assert c["images"] == 0 and c["accuracy"] is None and c["precision"] is None
+    json.dumps(result, allow_nan=False)

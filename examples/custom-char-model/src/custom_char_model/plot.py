@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import itertools
 from pathlib import Path
+
+import torch
 
 from .checkpoint import atomic_path
 
@@ -32,14 +35,20 @@ def unfreeze_epochs(rows: list[dict[str, float]]) -> list[int]:
     ]
 
 
-def plot_run(folder: str | Path) -> Path:
-    """Write folder/curves.png: loss (left) and accuracy (right), train and val, unfreezes marked."""
+def figure_class() -> type:
     try:
         # The Figure API, not pyplot: no GUI backend, no global state to disturb.
         from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
     except ImportError:
-        raise PlotError("plot needs matplotlib: pip install -e '.[plot]' (or pip install matplotlib)") from None
+        raise PlotError("plotting needs matplotlib: pip install -e '.[plot]' (or pip install matplotlib)") from None
+    return Figure
+
+
+def plot_run(folder: str | Path) -> Path:
+    """Write folder/curves.png: loss (left) and accuracy (right), train and val, unfreezes marked."""
+    Figure = figure_class()
+    from matplotlib.ticker import MaxNLocator
+
     folder = Path(folder)
     rows = read_metrics(folder)
     epochs = [int(row["epoch"]) for row in rows]
@@ -62,3 +71,24 @@ def plot_run(folder: str | Path) -> Path:
     with atomic_path(out) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
     return out
+
+
+def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> Path:
+    """A labelled heatmap of the counts: rows the true class, columns the predicted one."""
+    Figure = figure_class()
+    n = len(classes)
+    side = max(4.0, 0.45 * n + 2)
+    figure = Figure(figsize=(side + 1, side), layout="constrained")
+    axes = figure.subplots()
+    image = axes.imshow(confusion.numpy(), cmap="Blues")
+    axes.set_xticks(range(n), classes, rotation=90)
+    axes.set_yticks(range(n), classes)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    if n <= 30:  # beyond that the numbers no longer fit their cells
+        for (i, j), count in zip(itertools.product(range(n), range(n)), confusion.flatten().tolist(), strict=True):
+            axes.text(j, i, str(count), ha="center", va="center", fontsize=8)
+    figure.colorbar(image, ax=axes)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    return path

@@ -17,13 +17,14 @@ from .checkpoint import CheckpointError, read_classes, read_state_dict
 from .config import Config, ConfigError, load_config
 from .data import DEFAULT_DATA, DataError, class_names, example_inputs, make_datasets
 from .distributed import SINGLE, pick_device, stop
+from .evaluation import confusion_matrix, finite_or_null, report, write_report
 from .export import FORMATS, ExportError, export
 from .freeze import FreezeSpecError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
 from .model import build_model
-from .plot import PlotError, plot_run
+from .plot import PlotError, plot_confusion, plot_run
 from .predict import format_rows, image_files, predict, write_csv
-from .train import DivergedError, Stopped, evaluate, fit, loader_workers, prepare_model
+from .train import DivergedError, Stopped, fit, loader_workers, prepare_model
 from .weights import inspect_weights
 
 # A spec in this model's own names, for --help.
@@ -81,6 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     ev.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt")
     ev.add_argument("--data", default=DEFAULT_DATA)
     ev.add_argument("--device")
+    ev.add_argument("--out", help="folder to write per_class.csv and confusion.csv (and confusion.png) into")
 
     pr = commands.add_parser("predict", help="classify image files or folders with saved weights")
     pr.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt; class names come with it")
@@ -227,8 +229,14 @@ def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
     if saved is not None and saved != names:
         raise DataError(f"{args.weights} was trained on the classes {saved}; --data {args.data} has {names}")
     loader = DataLoader(val_set, batch_size=config.train.batch_size)
-    loss, acc = evaluate(model.to(device), loader, device)
-    print(json.dumps({"weights": args.weights, "val_loss": loss, "val_acc": acc}))
+    k = 5 if len(names) > 5 else 1  # top-5 where there are more than 5 classes; else top-1, the accuracy
+    confusion, loss, top_k = confusion_matrix(model.to(device), loader, device, k)
+    result = {"weights": args.weights, **report(confusion, names, loss, k, top_k)}
+    if args.out is not None:
+        written = write_report(Path(args.out), result, confusion, names)
+        written.append(plot_confusion(confusion, names, Path(args.out) / "confusion.png"))
+        result["files"] = [str(path) for path in written]
+    print(json.dumps(finite_or_null(result), allow_nan=False))
     return 0
 
 

@@ -17,11 +17,12 @@ from torch.utils.data import DataLoader
 from .checkpoint import CheckpointError, read_classes, read_state_dict
 from .config import Config, ConfigError, load_config
 from .data import DEFAULT_DATA, DataError, class_names, make_datasets
+from .evaluation import confusion_matrix, finite_or_null, report, write_report
 from .freeze import FreezeSpecError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
 from .model import build_model
 from .predict import format_rows, image_files, predict, write_csv
-from .train import DivergedError, Stopped, evaluate, fit, loader_workers, prepare_model
+from .train import DivergedError, Stopped, fit, loader_workers, prepare_model
 from .traps import TRAPS, format_table, run_traps
 from .weights import inspect_weights
 
@@ -78,6 +79,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     ev.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt")
     ev.add_argument("--data", default=DEFAULT_DATA)
     ev.add_argument("--device")
+    ev.add_argument("--out", help="folder to write per_class.csv and confusion.csv into")
 
     pr = commands.add_parser("predict", help="classify image files or folders with saved weights")
     pr.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt; class names come with it")
@@ -207,8 +209,13 @@ def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
     if saved is not None and saved != names:
         raise DataError(f"{args.weights} was trained on the classes {saved}; --data {args.data} has {names}")
     loader = DataLoader(val_set, batch_size=config.train.batch_size)
-    loss, acc = evaluate(model.to(device), loader, device)
-    print(json.dumps({"weights": args.weights, "val_loss": loss, "val_acc": acc}))
+    k = 5 if len(names) > 5 else 1  # top-5 where there are more than 5 classes; else top-1, the accuracy
+    confusion, loss, top_k = confusion_matrix(model.to(device), loader, device, k)
+    result = {"weights": args.weights, **report(confusion, names, loss, k, top_k)}
+    if args.out is not None:
+        written = write_report(Path(args.out), result, confusion, names)
+        result["files"] = [str(path) for path in written]
+    print(json.dumps(finite_or_null(result), allow_nan=False))
     return 0
 
 
