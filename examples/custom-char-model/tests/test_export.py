@@ -10,7 +10,7 @@ import torch
 
 from custom_char_model.cli import main
 from custom_char_model.data import example_inputs
-from custom_char_model.export import ExportError, export
+from custom_char_model.export import ExportError, export, export_classes
 from custom_char_model.model import build_model
 
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
@@ -75,3 +75,11 @@ def test_a_failed_check_leaves_the_earlier_export_as_it_was(tmp_path, config, mo
         export(build_model(config), fmt, out, example_inputs(config, 2))
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [out.name], "a temp file was left"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_export_carries_the_class_names(tmp_path, config, fmt):
+    names = [f"kind_{i}" for i in range(config.model.num_classes)]
+    out = tmp_path / f"m.{fmt}"
+    export(build_model(config), fmt, out, example_inputs(config, 2), classes=names)
+    assert export_classes(out) == names

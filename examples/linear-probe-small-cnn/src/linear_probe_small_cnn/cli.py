@@ -242,7 +242,8 @@ def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_export(args: argparse.Namespace, config: Config) -> int:
     model = trained_model(args.weights, config)
-    error = export(model, args.format, args.out, example_inputs(config, 2), fold_bn=args.fold_bn)
+    classes = read_classes(args.weights)
+    error = export(model, args.format, args.out, example_inputs(config, 2), fold_bn=args.fold_bn, classes=classes)
     folded = " (BatchNorm folded into convolutions)" if args.fold_bn else ""
     print(f"wrote {args.out} ({args.format}){folded}; max abs difference to eager on a batch of 2: {error:.3g}")
     return 0

@@ -3,12 +3,15 @@
 Every format is written atomically, loaded back and run on the same batch of
 2 as the eager model; the largest difference is printed, and an export that
 does not reproduce the model is an error rather than a file you find out
-about in production.
+about in production. Each file carries the class names, as a JSON list:
+pt2 and torchscript in an extra file `classes.json`, onnx in the model's
+metadata_props under `classes` (export_classes reads any of them).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +23,8 @@ from .batchnorm import fold_batchnorm, plain_batchnorm
 from .checkpoint import atomic_path
 
 FORMATS = ("pt2", "onnx", "torchscript")
+# The name of the class list inside a pt2 or torchscript file.
+CLASSES_FILE = "classes.json"
 # fp32 kernels of one model differ in summation order between runtimes; more
 # than this on logits means the export computes something else.
 TOLERANCE = 1e-3
@@ -29,7 +34,14 @@ class ExportError(RuntimeError):
     pass
 
 
-def export(model: nn.Module, fmt: str, out: str | Path, example: torch.Tensor, fold_bn: bool = False) -> float:
+def export(
+    model: nn.Module,
+    fmt: str,
+    out: str | Path,
+    example: torch.Tensor,
+    fold_bn: bool = False,
+    classes: list[str] | None = None,
+) -> float:
     """Write `model` to `out` as `fmt`, traced on `example`; return the max abs difference to eager.
 
     Any FrozenBatchNorm or fixed-statistics layer becomes plain BatchNorm
@@ -48,7 +60,8 @@ def export(model: nn.Module, fmt: str, out: str | Path, example: torch.Tensor, f
         expected = model(example)
         if fold_bn:
             fold_batchnorm(model)
-        write, run = _writer(model, fmt, example)
+        names = classes or [f"class_{i}" for i in range(expected.shape[1])]
+        write, run = _writer(model, fmt, example, json.dumps(names))
 
         def check(tmp: Path) -> None:
             error = (run(tmp) - expected).abs().max().item()
@@ -61,19 +74,41 @@ def export(model: nn.Module, fmt: str, out: str | Path, example: torch.Tensor, f
     return errors[0]
 
 
-def _writer(model: nn.Module, fmt: str, example: torch.Tensor) -> tuple[Callable, Callable]:
+def _writer(model: nn.Module, fmt: str, example: torch.Tensor, classes: str) -> tuple[Callable, Callable]:
     """(write the export to a path, run the file at a path on `example`) for one format."""
     # Batch size stays free in the exported graph; everything else is fixed.
     batch = torch.export.Dim("batch", min=1)
     if fmt == "pt2":
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-        return (lambda path: torch.export.save(program, path)), (lambda path: torch.export.load(path).module()(example))
+
+        def write(path: Path) -> None:
+            torch.export.save(program, path, extra_files={CLASSES_FILE: classes})
+
+        return write, (lambda path: torch.export.load(path).module()(example))
     if fmt == "torchscript":
-        return _torchscript_writer(model, example)
-    return _onnx_writer(model, example, {0: batch})
+        return _torchscript_writer(model, example, classes)
+    return _onnx_writer(model, example, {0: batch}, classes)
 
 
-def _torchscript_writer(model: nn.Module, example: torch.Tensor) -> tuple[Callable, Callable]:
+def export_classes(path: str | Path) -> list[str]:
+    """The class names an export carries, by its suffix (.pt2, .onnx, else torchscript)."""
+    path = Path(path)
+    found = {CLASSES_FILE: ""}
+    if path.suffix == ".pt2":
+        torch.export.load(path, extra_files=found)
+    elif path.suffix == ".onnx":
+        import onnx
+
+        found[CLASSES_FILE] = {p.key: p.value for p in onnx.load(str(path)).metadata_props}.get("classes", "")
+    else:
+        with warnings.catch_warnings(action="ignore", category=FutureWarning):
+            torch.jit.load(str(path), _extra_files=found)
+    if not found[CLASSES_FILE]:
+        raise ExportError(f"{path} carries no class names")
+    return json.loads(found[CLASSES_FILE])
+
+
+def _torchscript_writer(model: nn.Module, example: torch.Tensor, classes: str) -> tuple[Callable, Callable]:
     # TorchScript is deprecated in torch, and each of its calls says so; it is
     # here for runtimes that still read only it. Prefer pt2.
     quiet = functools.partial(warnings.catch_warnings, action="ignore", category=FutureWarning)
@@ -82,7 +117,7 @@ def _torchscript_writer(model: nn.Module, example: torch.Tensor) -> tuple[Callab
 
     def write(path: Path) -> None:
         with quiet():
-            torch.jit.save(traced, str(path))
+            torch.jit.save(traced, str(path), _extra_files={CLASSES_FILE: classes})
 
     def run(path: Path) -> torch.Tensor:
         with quiet():
@@ -91,8 +126,9 @@ def _torchscript_writer(model: nn.Module, example: torch.Tensor) -> tuple[Callab
     return write, run
 
 
-def _onnx_writer(model: nn.Module, example: torch.Tensor, dims: dict) -> tuple[Callable, Callable]:
+def _onnx_writer(model: nn.Module, example: torch.Tensor, dims: dict, classes: str) -> tuple[Callable, Callable]:
     try:
+        import onnx
         import onnxruntime
         import onnxscript  # noqa: F401 - torch.onnx's exporter needs it
     except ImportError:
@@ -107,4 +143,10 @@ def _onnx_writer(model: nn.Module, example: torch.Tensor, dims: dict) -> tuple[C
         (result,) = session.run(None, {session.get_inputs()[0].name: example.numpy()})
         return torch.from_numpy(result)
 
-    return (lambda path: program.save(str(path))), run
+    def write(path: Path) -> None:
+        program.save(str(path))
+        saved = onnx.load(str(path))
+        onnx.helper.set_model_props(saved, {"classes": classes})
+        onnx.save(saved, str(path))
+
+    return write, run
