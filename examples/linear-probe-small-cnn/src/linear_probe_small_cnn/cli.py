@@ -16,15 +16,15 @@ from torch.utils.data import DataLoader
 from .checkpoint import CheckpointError, read_classes, read_state_dict
 from .config import Config, ConfigError, load_config
 from .data import DEFAULT_DATA, DataError, class_names, example_inputs, make_datasets
-from .distributed import SINGLE, pick_device, stop
+from .distributed import pick_device, stop
 from .evaluation import confusion_matrix, finite_or_null, report, write_report
 from .export import FORMATS, ExportError, export
 from .freeze import FreezeSpecError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
 from .model import build_model
 from .plot import PlotError, plot_confusion, plot_run
-from .predict import format_rows, image_files, predict, write_csv
-from .train import DivergedError, Stopped, fit, loader_workers, prepare_model
+from .predict import format_rows, image_files, predict, predict_workers, write_csv
+from .train import DivergedError, Stopped, fit, prepare_model
 from .weights import inspect_weights
 
 # A spec in this model's own names, for --help.
@@ -263,7 +263,7 @@ def cmd_predict(args: argparse.Namespace, config: Config) -> int:
     if args.top_k > len(classes):
         raise ConfigError(f"--top-k {args.top_k}: the model has {len(classes)} classes")
     files = image_files(args.paths)
-    workers = loader_workers(config.train.num_workers, "images", SINGLE)
+    workers = predict_workers(config.train.num_workers)
     batch = args.batch_size or config.train.batch_size
     rows, skipped = predict(model, files, classes, config.train.image_size, args.top_k, batch, device, workers)
     if args.out:

@@ -21,8 +21,8 @@ from .evaluation import confusion_matrix, finite_or_null, report, write_report
 from .freeze import FreezeSpecError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
 from .model import build_model
-from .predict import format_rows, image_files, predict, write_csv
-from .train import DivergedError, Stopped, fit, loader_workers, prepare_model
+from .predict import format_rows, image_files, predict, predict_workers, write_csv
+from .train import DivergedError, Stopped, fit, prepare_model
 from .traps import TRAPS, format_table, run_traps
 from .weights import inspect_weights
 
@@ -235,7 +235,7 @@ def cmd_predict(args: argparse.Namespace, config: Config) -> int:
     if args.top_k > len(classes):
         raise ConfigError(f"--top-k {args.top_k}: the model has {len(classes)} classes")
     files = image_files(args.paths)
-    workers = loader_workers(config.train.num_workers, "images")
+    workers = predict_workers(config.train.num_workers)
     batch = args.batch_size or config.train.batch_size
     rows, skipped = predict(model, files, classes, config.train.image_size, args.top_k, batch, device, workers)
     if args.out:
