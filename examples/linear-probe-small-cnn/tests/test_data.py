@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from conftest import image_folder
+from conftest import image_folder, to_toml
 from PIL import Image
 
+from linear_probe_small_cnn.cli import main
 from linear_probe_small_cnn.data import DataError, image_folder_datasets, image_transforms, make_datasets
 from linear_probe_small_cnn.model import preprocessing
+from linear_probe_small_cnn.train import fit
 
 
 def test_validation_preprocessing_is_the_weights_own():
@@ -62,3 +66,52 @@ def test_an_unreadable_image_is_named_or_skipped(tmp_path, capsys):
     assert len(train) == 4 and all(str(broken) != path for path, _ in train.samples)
     with pytest.raises(DataError, match='bad_images must be "error" or "skip"'):
         image_folder_datasets(root, 32, 2, bad_images="ignore")
+
+
+def one_folder(root, config, per_class: int = 5):
+    """root/<class>/*.png, no train/ or val/: what a user has before splitting."""
+    image_folder(root / "tmp", classes=config.model.num_classes, per_class=per_class)
+    (root / "tmp" / "train").rename(root / "all")
+    return root / "all"
+
+
+def test_a_one_folder_dataset_is_split_stratified_disjoint_and_reproducible(tmp_path, config):
+    root = one_folder(tmp_path, config)
+    config.data.val_fraction = 0.4
+    train, val = make_datasets(str(root), config)
+    split = train.split
+    assert not set(split["train"]) & set(split["val"])
+    assert len(split["train"]) + len(split["val"]) == 5 * config.model.num_classes
+    per_class = [sum(name.startswith(f"class{c}/") for name in split["val"]) for c in range(config.model.num_classes)]
+    assert per_class == [2] * config.model.num_classes  # round(5 x 0.4) of every class
+    assert len(val) == len(split["val"]) and val[0][0].shape[-1] == config.train.image_size
+    assert make_datasets(str(root), config)[0].split == split, "the same seed must give the same split"
+    config.train.seed += 1
+    assert make_datasets(str(root), config)[0].split != split
+
+
+def test_a_class_too_small_to_split_is_named(tmp_path, config):
+    root = one_folder(tmp_path, config)
+    for path in sorted((root / "class1").iterdir())[1:]:
+        path.unlink()
+    with pytest.raises(DataError, match=r"class1 has 1 image\(s\); a class needs 2 or more"):
+        make_datasets(str(root), config)
+
+
+def test_a_run_keeps_its_split_and_evaluate_validates_on_it(tmp_path, config, capsys):
+    root = one_folder(tmp_path, config)
+    out = tmp_path / "run"
+    fit(config, out, data=str(root), epochs=2, stop_after=1, device="cpu")
+    split = json.loads((out / "split.json").read_text())
+    # New images arrive: they belong to neither side of the run that began without them.
+    for c in range(config.model.num_classes):
+        (root / f"class{c}" / "new.png").write_bytes((root / f"class{c}" / "0.png").read_bytes())
+    fit(None, None, data=str(root), resume=out, device="cpu")
+    assert json.loads((out / "split.json").read_text()) == split
+    config_file = tmp_path / "small.toml"
+    config_file.write_text(to_toml(config))
+    weights = out / "best.pt"
+    capsys.readouterr()
+    assert main(["--config", str(config_file), "evaluate", "--weights", str(weights), "--data", str(root)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert sum(row["images"] for row in report["per_class"]) == len(split["val"])

@@ -37,7 +37,7 @@ from .checkpoint import (
     torch_bytes,
     torch_load,
 )
-from .config import Config, ConfigError, TrainConfig, apply_overrides, check, from_dict
+from .config import Config, ConfigError, TrainConfig, apply_overrides, check, from_dict, load_config
 from .data import DEFAULT_DATA, class_names, make_datasets
 from .distributed import SINGLE, World, all_sum, check_in_sync, gather, on_main, start, sync_buffers, wrap
 from .features import CachedBatches, build_cache, cache_decision, cache_risks
@@ -434,7 +434,11 @@ def resumed_config(config: Config | None, asked: Asked, world: World) -> tuple[C
         raise ConfigError(f"{what} starts a new run and --resume continues one; pass one of them")
     path, checkpoint = find_checkpoint(asked.resume, world)
     try:
-        saved = from_dict(checkpoint["config"])
+        # A key added to the project since (at its default, which keeps the old behaviour).
+        tables = load_config().to_dict()
+        for section, values in checkpoint["config"].items():
+            tables.setdefault(section, {}).update(values)
+        saved = from_dict(tables)
     except (ConfigError, KeyError, TypeError) as err:
         raise ConfigError(f"{path}: its config does not fit this project ({err})") from None
     now = config.to_dict() if config is not None else saved.to_dict()

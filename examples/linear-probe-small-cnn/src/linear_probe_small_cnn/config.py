@@ -81,6 +81,7 @@ class DataConfig:
     bad_images: Literal["error", "skip"]
     synthetic_train_size: int
     synthetic_val_size: int
+    val_fraction: float
 
 
 @dataclass
@@ -271,6 +272,8 @@ def _rules(config: Config) -> list[tuple[str, Any, bool, str]]:
         rules.append((f"train.lr_mult {selector!r}", mult, _finite(mult, 0) and mult > 0, "a multiplier > 0"))
     for key in ("synthetic_train_size", "synthetic_val_size"):
         rules.append((f"data.{key}", getattr(config.data, key), getattr(config.data, key) >= 1, "at least 1"))
+    fraction = config.data.val_fraction
+    rules.append(("data.val_fraction", fraction, _finite(fraction, 0) and 0 < fraction < 1, "between 0 and 1"))
     keep = config.checkpoint.keep_last_k
     rules.append(("checkpoint.keep_last_k", keep, keep >= 0, "0 (last.ckpt only) or more"))
     for rule in init.remap:

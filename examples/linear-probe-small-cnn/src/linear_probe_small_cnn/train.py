@@ -37,7 +37,7 @@ from .checkpoint import (
     torch_bytes,
     torch_load,
 )
-from .config import Config, ConfigError, TrainConfig, apply_overrides, check, from_dict
+from .config import Config, ConfigError, TrainConfig, apply_overrides, check, from_dict, load_config
 from .data import DEFAULT_DATA, class_names, make_datasets
 from .distributed import SINGLE, World, all_sum, check_in_sync, gather, on_main, start, sync_buffers, wrap
 from .features import CachedBatches, build_cache, cache_decision, cache_risks
@@ -436,7 +436,11 @@ def resumed_config(config: Config | None, asked: Asked, world: World) -> tuple[C
         raise ConfigError(f"{what} starts a new run and --resume continues one; pass one of them")
     path, checkpoint = find_checkpoint(asked.resume, world)
     try:
-        saved = from_dict(checkpoint["config"])
+        # A key added to the project since (at its default, which keeps the old behaviour).
+        tables = load_config().to_dict()
+        for section, values in checkpoint["config"].items():
+            tables.setdefault(section, {}).update(values)
+        saved = from_dict(tables)
     except (ConfigError, KeyError, TypeError) as err:
         raise ConfigError(f"{path}: its config does not fit this project ({err})") from None
     now = config.to_dict() if config is not None else saved.to_dict()
@@ -511,7 +515,10 @@ def start_run(config: Config | None, asked: Asked) -> Run:
         # earlier stage had released (the failure of re-freezing on resume).
         run.state = state_from_manifest(model, checkpoint["freeze_manifest"], f"{resume} freeze_manifest")
         apply(model, run.state)
-    run.train_set, run.val_set = make_datasets(asked.data, config)
+    # A resumed one-folder run trains on the split it began with.
+    split_file = resume.parent / "split.json" if resume is not None else None
+    split = json.loads(split_file.read_text()) if split_file is not None and split_file.is_file() else None
+    run.train_set, run.val_set = make_datasets(asked.data, config, split)
     run.classes = class_names(run.train_set, config.model.num_classes)
     saved = checkpoint.get("classes") if checkpoint is not None else None
     if saved is not None and saved != run.classes:
@@ -546,6 +553,9 @@ def write_record(run: Run) -> None:
     """What the run is: its resolved config (`--config RUN/config.toml` repeats it), class names, freeze state."""
     atomic_write(run.out / "config.toml", lambda f: f.write(tomli_w.dumps(run.config.to_dict()).encode()))
     write_json(run.out / "classes.json", run.classes)
+    split = getattr(run.train_set, "split", None)
+    if split is not None:
+        write_json(run.out / "split.json", split)
     write_json(run.out / "freeze_manifest.json", manifest(run.model, run.state, run.groups))
 
 

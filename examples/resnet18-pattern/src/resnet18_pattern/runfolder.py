@@ -22,7 +22,7 @@ from .config import ConfigError
 LOCK = ".lock"
 # What a run writes; any of them means the folder already holds a run.
 RUN_FILES = re.compile(
-    r"^(config\.toml|classes\.json|freeze_manifest\.json|metrics\.csv|best\.pt|best\.safetensors|last\.ckpt|epoch-\d+\.ckpt"
+    r"^(config\.toml|classes\.json|split\.json|freeze_manifest\.json|metrics\.csv|best\.pt|best\.safetensors|last\.ckpt|epoch-\d+\.ckpt"
     r"|curves\.png|" + re.escape(MANIFEST) + ")$"
 )
 # atomic_path's temp files: .NAME.RANDOM.tmp

@@ -1,13 +1,22 @@
-"""Datasets: a learnable synthetic set that needs no download, or an image folder."""
+"""Datasets: a learnable synthetic set that needs no download, or an image folder.
+
+An image folder either has train/ and val/ of class folders, or is one
+folder of class folders that is split here: stratified, seeded by
+train.seed, data.val_fraction of each class validating. The split is saved
+in the run folder (split.json) and a resume or evaluate reads it back, so
+an image that validated never trains, even after images are added.
+"""
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .config import Config
 from .model import preprocessing
@@ -164,7 +173,50 @@ def image_folder_datasets(
     return train, val
 
 
-def make_datasets(data: str, config: Config) -> tuple[Dataset, Dataset]:
+class SplitPart(Subset):
+    """One side of a one-folder split, with the folder's class names and the split itself."""
+
+    def __init__(self, folder: Any, indices: list[int], split: dict[str, Any]) -> None:
+        super().__init__(folder, indices)
+        self.classes, self.split = folder.classes, split
+
+
+def split_folder(root: Path, files: dict[str, int], classes: list[str], fraction: float, seed: int) -> dict:
+    """Per class, round(fraction x its images) of them (at least one, never all) validate."""
+    by_class: dict[int, list[str]] = {}
+    for name, target in files.items():
+        by_class.setdefault(target, []).append(name)
+    generator = torch.Generator().manual_seed(seed)
+    split: dict[str, Any] = {"root": str(root), "val_fraction": fraction, "seed": seed, "train": [], "val": []}
+    for target, name in enumerate(classes):
+        names = sorted(by_class.get(target, []))
+        if len(names) < 2:
+            raise DataError(f"{root / name} has {len(names)} image(s); a class needs 2 or more to be in train and val")
+        order = torch.randperm(len(names), generator=generator).tolist()
+        count = min(len(names) - 1, max(1, round(len(names) * fraction)))
+        split["val"] += sorted(names[i] for i in order[:count])
+        split["train"] += sorted(names[i] for i in order[count:])
+    return split
+
+
+def one_folder_datasets(root: Path, config: Config, saved: dict | None) -> tuple[Dataset, Dataset]:
+    """root/<class>/* split into train and val: as `saved` says, else anew."""
+    train_tf, val_tf = image_transforms(config.train.image_size, config.data.augment)
+    folder = checked_folder(root, train_tf, config.data.bad_images)
+    files = {str(Path(path).relative_to(root)): i for i, (path, _) in enumerate(folder.samples)}
+    targets = {name: folder.samples[i][1] for name, i in files.items()}
+    split = saved or split_folder(root, targets, folder.classes, config.data.val_fraction, config.train.seed)
+    gone = [name for name in split["train"] + split["val"] if name not in files]
+    if gone:
+        raise DataError(f"{root}: {len(gone)} image(s) of the run's split are gone (first: {gone[0]})")
+    val_folder = copy.copy(folder)
+    val_folder.transform = val_tf
+    train = SplitPart(folder, [files[name] for name in split["train"]], split)
+    return train, SplitPart(val_folder, [files[name] for name in split["val"]], split)
+
+
+def make_datasets(data: str, config: Config, split: dict | None = None) -> tuple[Dataset, Dataset]:
+    """The (train, val) datasets of --data; `split` is a one-folder split to reuse (a run's split.json)."""
     train_cfg, data_cfg = config.train, config.data
     if data == DEFAULT_DATA:
         return synthetic_datasets(
@@ -174,8 +226,11 @@ def make_datasets(data: str, config: Config) -> tuple[Dataset, Dataset]:
             data_cfg.synthetic_val_size,
             seed=train_cfg.seed,
         )
-    if not Path(data).is_dir():
+    root = Path(data)
+    if not root.is_dir():
         raise DataError(f"--data {data}: no such directory (or use --data synthetic)")
+    if not (root / "train").is_dir() and not (root / "val").is_dir():
+        return one_folder_datasets(root, config, split)
     return image_folder_datasets(
         data,
         train_cfg.image_size,

@@ -99,7 +99,7 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="fine-tune and write a run folder")
     train.add_argument("--out", help="run folder to write (default with --resume: the resumed run's folder)")
     train.add_argument("--epochs", type=at_least_one, help="total epochs (default: train.epochs in the config)")
-    train.add_argument("--data", default=DEFAULT_DATA, help="'synthetic' or an image folder with train/ and val/")
+    train.add_argument("--data", default=DEFAULT_DATA, help="'synthetic', or a folder (train/ and val/, or classes)")
     train.add_argument("--init", help="weights to start from (.pt, .pth, .bin, .ckpt, .safetensors)")
     train.add_argument(
         "--resume", help="a run folder (its newest checkpoint that matches checkpoints.json) or one full checkpoint"
@@ -204,7 +204,10 @@ def trained_model(weights: str, config: Config) -> nn.Module:
 def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = trained_model(args.weights, config)
-    _, val_set = make_datasets(args.data, config)
+    # A one-folder dataset validates on the split the weights were trained with.
+    split_file = Path(args.weights).parent / "split.json"
+    split = json.loads(split_file.read_text()) if split_file.is_file() else None
+    _, val_set = make_datasets(args.data, config, split)
     saved, names = read_classes(args.weights), class_names(val_set, config.model.num_classes)
     if saved is not None and saved != names:
         raise DataError(f"{args.weights} was trained on the classes {saved}; --data {args.data} has {names}")

@@ -36,7 +36,7 @@ from .checkpoint import (
     safetensors_bytes,
     torch_bytes,
 )
-from .config import Config, ConfigError, apply_overrides, check, from_dict
+from .config import Config, ConfigError, apply_overrides, check, from_dict, load_config
 from .data import DEFAULT_DATA, class_names, make_datasets
 from .freeze import (
     FreezeState,
@@ -347,7 +347,11 @@ def resumed_config(config: Config | None, asked: Asked) -> tuple[Config, dict[st
         raise ConfigError(f"{what} starts a new run and --resume continues one; pass one of them")
     path, checkpoint = load_resume(asked.resume)
     try:
-        saved = from_dict(checkpoint["config"])
+        # A key added to the project since (at its default, which keeps the old behaviour).
+        tables = load_config().to_dict()
+        for section, values in checkpoint["config"].items():
+            tables.setdefault(section, {}).update(values)
+        saved = from_dict(tables)
     except (ConfigError, KeyError, TypeError) as err:
         raise ConfigError(f"{path}: its config does not fit this project ({err})") from None
     now = config.to_dict() if config is not None else saved.to_dict()
@@ -404,7 +408,10 @@ def start_run(config: Config | None, asked: Asked) -> Run:
         # earlier stage had released (the failure of re-freezing on resume).
         run.state = state_from_manifest(model, checkpoint["freeze_manifest"], f"{resume} freeze_manifest")
         apply(model, run.state)
-    run.train_set, run.val_set = make_datasets(asked.data, config)
+    # A resumed one-folder run trains on the split it began with.
+    split_file = resume.parent / "split.json" if resume is not None else None
+    split = json.loads(split_file.read_text()) if split_file is not None and split_file.is_file() else None
+    run.train_set, run.val_set = make_datasets(asked.data, config, split)
     run.classes = class_names(run.train_set, config.model.num_classes)
     saved = checkpoint.get("classes") if checkpoint is not None else None
     if saved is not None and saved != run.classes:
@@ -432,6 +439,9 @@ def write_record(run: Run) -> None:
     """What the run is: its resolved config (`--config RUN/config.toml` repeats it), class names, freeze state."""
     atomic_write(run.out / "config.toml", lambda f: f.write(tomli_w.dumps(run.config.to_dict()).encode()))
     write_json(run.out / "classes.json", run.classes)
+    split = getattr(run.train_set, "split", None)
+    if split is not None:
+        write_json(run.out / "split.json", split)
     write_json(run.out / "freeze_manifest.json", manifest(run.model, run.state, run.groups))
 
 
