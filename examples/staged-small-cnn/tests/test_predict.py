@@ -83,6 +83,25 @@ def test_evaluate_on_other_classes_is_one_line_naming_both(trained, tmp_path, ca
     assert err.count("\n") == 1 and "flower_a" in err and "tree_0" in err
 
 
+def test_weights_run_with_the_input_size_they_were_trained_at(trained, tmp_path, capsys):
+    images, out, _ = trained
+    other = small_config()
+    other.train.image_size = 48
+    config_file = tmp_path / "other.toml"
+    config_file.write_text(to_toml(other))
+    weights = str(out / "best.pt")
+    assert main(["--config", str(config_file), "evaluate", "--weights", weights, "--data", str(images)]) == 2
+    assert "was trained with train.image_size = 32, this config has 48" in capsys.readouterr().err
+
+
+def test_predict_into_a_missing_folder_is_refused_before_any_work(trained, tmp_path, capsys):
+    images, out, config = trained
+    table = tmp_path / "no" / "such" / "predictions.csv"
+    args = [*config, "predict", "--weights", str(out / "best.pt"), str(images / "val"), "--out", str(table)]
+    assert main(args) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
 def test_a_resume_on_other_classes_is_refused(trained, tmp_path):
     _, out, _ = trained
     other = image_folder(tmp_path / "other", names=[f"tree_{c}" for c in range(NUM_CLASSES)])

@@ -98,8 +98,18 @@ def test_a_class_too_small_to_split_is_named(tmp_path, config):
         make_datasets(str(root), config)
 
 
+def test_a_folder_that_does_not_fit_the_model_is_one_line(tmp_path, config):
+    with pytest.raises(DataError, match="holds no class folders"):
+        make_datasets(str(image_folder(tmp_path / "flat", classes=1) / "train" / "class0"), config)
+    root = image_folder(tmp_path / "few", classes=config.model.num_classes - 1, per_class=2) / "train"
+    with pytest.raises(DataError, match=f"has {config.model.num_classes - 1} classes but the model has"):
+        make_datasets(str(root), config)
+
+
 def test_a_run_keeps_its_split_and_evaluate_validates_on_it(tmp_path, config, capsys):
     root = one_folder(tmp_path, config)
+    # 0.5 of 5 images is 2 a class; a split made anew after one more image would take 3.
+    config.data.val_fraction = 0.5
     out = tmp_path / "run"
     fit(config, out, data=str(root), epochs=2, stop_after=1, device="cpu")
     split = json.loads((out / "split.json").read_text())

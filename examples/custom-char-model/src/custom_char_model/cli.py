@@ -204,6 +204,7 @@ def cmd_inspect_weights(args: argparse.Namespace, config: Config) -> int:
 
 def trained_model(weights: str, config: Config) -> nn.Module:
     """The plain model (no freezing, plain BatchNorm) with every tensor from `weights`."""
+    check_run_config(weights, config)
     model = build_model(config)
     try:
         model.load_state_dict(read_state_dict(weights))
@@ -212,8 +213,26 @@ def trained_model(weights: str, config: Config) -> nn.Module:
     return model
 
 
+def check_run_config(weights: str, config: Config) -> None:
+    """Weights run as they were trained: the model of the run's config.toml, if it has one."""
+    saved_file = Path(weights).parent / "config.toml"
+    if not saved_file.is_file():
+        return
+    saved = load_config(saved_file)
+    keys = [("model", key) for key in vars(config.model) if key != "pretrained"]
+    for section, key in keys:
+        old, new = getattr(getattr(saved, section), key), getattr(getattr(config, section), key)
+        if old != new:
+            raise ConfigError(
+                f"{weights} was trained with {section}.{key} = {old!r}, this config has {new!r}; "
+                f"pass --config {saved_file}"
+            )
+
+
 def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
     device = pick_device(args.device)
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a file; evaluate writes a folder of reports")
     model = trained_model(args.weights, config)
     _, val_set = make_datasets(args.data, config)
     saved, names = read_classes(args.weights), class_names(val_set, config.model.num_classes)

@@ -1,7 +1,8 @@
 """The optimizer and its schedule: trainable parameters only, in named groups.
 
-A frozen tensor inside an optimizer still drifts through weight decay and
-Adam's moments even with requires_grad=False, so none is ever added. Groups
+A frozen tensor left in an optimizer drifts whenever it gets a gradient, even
+a zeroed one: weight decay shrinks it and Adam's moments keep moving it. So
+none is ever added. Groups
 are plain data (parameter names, not tensors): freeze_manifest.json records
 them, a resume rebuilds the optimizer from them, and an unfreeze stage adds
 its own through add_groups, which also tells the schedule about them.

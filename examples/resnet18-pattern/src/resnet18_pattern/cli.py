@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointError, read_classes, read_state_dict
 from .config import Config, ConfigError, load_config
-from .data import DEFAULT_DATA, DataError, class_names, example_inputs, make_datasets
+from .data import DEFAULT_DATA, DataError, class_names, example_inputs, make_datasets, saved_split
 from .distributed import pick_device, stop
 from .evaluation import confusion_matrix, finite_or_null, report, write_report
 from .export import FORMATS, ExportError, export
@@ -214,6 +214,7 @@ def cmd_inspect_weights(args: argparse.Namespace, config: Config) -> int:
 
 def trained_model(weights: str, config: Config) -> nn.Module:
     """The plain model (no freezing, plain BatchNorm) with every tensor from `weights`."""
+    check_run_config(weights, config)
     model = build_model(config)
     try:
         model.load_state_dict(read_state_dict(weights))
@@ -222,13 +223,29 @@ def trained_model(weights: str, config: Config) -> nn.Module:
     return model
 
 
+def check_run_config(weights: str, config: Config) -> None:
+    """Weights run as they were trained: the model and input size of the run's config.toml, if it has one."""
+    saved_file = Path(weights).parent / "config.toml"
+    if not saved_file.is_file():
+        return
+    saved = load_config(saved_file)
+    keys = [("model", key) for key in vars(config.model) if key != "pretrained"] + [("train", "image_size")]
+    for section, key in keys:
+        old, new = getattr(getattr(saved, section), key), getattr(getattr(config, section), key)
+        if old != new:
+            raise ConfigError(
+                f"{weights} was trained with {section}.{key} = {old!r}, this config has {new!r}; "
+                f"pass --config {saved_file}"
+            )
+
+
 def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
     device = pick_device(args.device)
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a file; evaluate writes a folder of reports")
     model = trained_model(args.weights, config)
     # A one-folder dataset validates on the split the weights were trained with.
-    split_file = Path(args.weights).parent / "split.json"
-    split = json.loads(split_file.read_text()) if split_file.is_file() else None
-    _, val_set = make_datasets(args.data, config, split)
+    _, val_set = make_datasets(args.data, config, saved_split(Path(args.weights).parent, args.data))
     saved, names = read_classes(args.weights), class_names(val_set, config.model.num_classes)
     if saved is not None and saved != names:
         raise DataError(f"{args.weights} was trained on the classes {saved}; --data {args.data} has {names}")
@@ -260,6 +277,8 @@ def cmd_plot(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_predict(args: argparse.Namespace, config: Config) -> int:
     device = pick_device(args.device)
+    if args.out is not None and not Path(args.out).parent.is_dir():
+        raise ConfigError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
     model = trained_model(args.weights, config).to(device)
     classes = read_classes(args.weights) or [f"class_{i}" for i in range(config.model.num_classes)]
     if len(classes) != config.model.num_classes:

@@ -10,6 +10,7 @@ an image that validated never trains, even after images are added.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 from pathlib import Path
@@ -111,7 +112,10 @@ def checked_folder(folder: Path, transform, bad_images: str) -> Dataset:
     from PIL import Image
     from torchvision import datasets
 
-    dataset = datasets.ImageFolder(folder, transform=transform, loader=load_rgb, allow_empty=True)
+    try:
+        dataset = datasets.ImageFolder(folder, transform=transform, loader=load_rgb, allow_empty=True)
+    except FileNotFoundError:
+        raise DataError(f"{folder} holds no class folders; expected {folder}/<class>/<image>") from None
     skip = bad_images == "skip"
     advice = '; [data] bad_images = "skip" trains without it'
     counts = [0] * len(dataset.classes)
@@ -165,12 +169,16 @@ def image_folder_datasets(
     val = checked_folder(root / "val", val_tf, bad_images)
     if train.classes != val.classes:
         raise DataError(f"{root}: train classes {train.classes} differ from val classes {val.classes}")
-    if len(train.classes) != num_classes:
+    check_classes(root / "train", train.classes, num_classes)
+    return train, val
+
+
+def check_classes(folder: Path, classes: list[str], num_classes: int) -> None:
+    if len(classes) != num_classes:
         raise DataError(
-            f"{root}/train has {len(train.classes)} classes but the model has "
+            f"{folder} has {len(classes)} classes but the model has "
             f"num_classes = {num_classes}; change [model] num_classes in the config"
         )
-    return train, val
 
 
 class SplitPart(Subset):
@@ -199,10 +207,27 @@ def split_folder(root: Path, files: dict[str, int], classes: list[str], fraction
     return split
 
 
+def saved_split(folder: Path, data: str | None = None) -> dict | None:
+    """The one-folder split a run saved in `folder` (its split.json), if any; with `data`, only a split of it."""
+    path = folder / "split.json"
+    if not path.is_file():
+        return None
+    try:
+        split = json.loads(path.read_text())
+    except ValueError as err:
+        raise DataError(f"{path} is not JSON ({err})") from None
+    if not isinstance(split, dict) or not {"root", "train", "val"} <= split.keys():
+        raise DataError(f"{path} is not a split (root, train and val lists)")
+    if data is not None and Path(split["root"]).resolve() != Path(data).resolve():
+        return None
+    return split
+
+
 def one_folder_datasets(root: Path, config: Config, saved: dict | None) -> tuple[Dataset, Dataset]:
     """root/<class>/* split into train and val: as `saved` says, else anew."""
     train_tf, val_tf = image_transforms(config.train.image_size, config.data.augment)
     folder = checked_folder(root, train_tf, config.data.bad_images)
+    check_classes(root, folder.classes, config.model.num_classes)
     files = {str(Path(path).relative_to(root)): i for i, (path, _) in enumerate(folder.samples)}
     targets = {name: folder.samples[i][1] for name, i in files.items()}
     split = saved or split_folder(root, targets, folder.classes, config.data.val_fraction, config.train.seed)
@@ -230,14 +255,19 @@ def make_datasets(data: str, config: Config, split: dict | None = None) -> tuple
     if not root.is_dir():
         raise DataError(f"--data {data}: no such directory (or use --data synthetic)")
     if not (root / "train").is_dir() and not (root / "val").is_dir():
-        return one_folder_datasets(root, config, split)
-    return image_folder_datasets(
-        data,
-        train_cfg.image_size,
-        config.model.num_classes,
-        augment=data_cfg.augment,
-        bad_images=data_cfg.bad_images,
-    )
+        train, val = one_folder_datasets(root, config, split)
+    else:
+        train, val = image_folder_datasets(
+            data,
+            train_cfg.image_size,
+            config.model.num_classes,
+            augment=data_cfg.augment,
+            bad_images=data_cfg.bad_images,
+        )
+    for side, dataset in (("train", train), ("val", val)):
+        if len(dataset) == 0:
+            raise DataError(f"--data {data}: the {side} side has no images left to use")
+    return train, val
 
 
 def class_names(dataset: Dataset, num_classes: int) -> list[str]:

@@ -26,7 +26,10 @@ COLUMNS = ("path", "rank", "label", "probability")
 
 def image_files(paths: list[str]) -> list[Path]:
     """Each path that is a file, and the images under each folder (recursively, sorted)."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
+    try:
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+    except ImportError:
+        raise DataError("reading images needs torchvision: pip install -e '.[images]'") from None
 
     files: list[Path] = []
     for text in paths:

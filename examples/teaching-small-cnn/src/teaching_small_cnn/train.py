@@ -37,7 +37,7 @@ from .checkpoint import (
     torch_bytes,
 )
 from .config import Config, ConfigError, apply_overrides, check, from_dict, load_config
-from .data import DEFAULT_DATA, class_names, make_datasets
+from .data import DEFAULT_DATA, class_names, make_datasets, saved_split
 from .freeze import (
     FreezeState,
     Selector,
@@ -409,8 +409,7 @@ def start_run(config: Config | None, asked: Asked) -> Run:
         run.state = state_from_manifest(model, checkpoint["freeze_manifest"], f"{resume} freeze_manifest")
         apply(model, run.state)
     # A resumed one-folder run trains on the split it began with.
-    split_file = resume.parent / "split.json" if resume is not None else None
-    split = json.loads(split_file.read_text()) if split_file is not None and split_file.is_file() else None
+    split = saved_split(resume.parent) if resume is not None else None
     run.train_set, run.val_set = make_datasets(asked.data, config, split)
     run.classes = class_names(run.train_set, config.model.num_classes)
     saved = checkpoint.get("classes") if checkpoint is not None else None

@@ -30,13 +30,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import CheckpointError, read_state_dict
-from .config import Config
+from .config import Config, load_config
 from .data import DEFAULT_DATA, make_datasets
 from .freeze import FreezeSpecError, FreezeState, Stage, freeze, unfreeze_stage
 from .model import HEAD, build_model
 from .optim import add_groups, cosine_schedule, make_optimizer, param_groups
 from .rng import seed_everything
-from .train import fit, train_one_epoch
+from .train import fit, prepare_model, train_one_epoch
 from .weights import load_init
 
 CPU = torch.device("cpu")
@@ -59,8 +59,15 @@ class Row:
 
 
 def trap_config(config: Config) -> Config:
-    """The config made small enough to run every trap in seconds on a CPU."""
-    config = copy.deepcopy(config)
+    """The config made small enough to run every trap in seconds on a CPU.
+
+    The model is this config's; what decides a verdict (weight decay, the
+    init rules, BatchNorm overrides) is the packaged default, so a config of
+    your own cannot make a trap vanish.
+    """
+    config, defaults = copy.deepcopy(config), load_config()
+    config.init, config.freeze.bn_modes = defaults.init, {}
+    config.train.weight_decay = defaults.train.weight_decay or 1e-4
     vars(config.train).update(epochs=2, batch_size=8, num_workers=0)
     config.train.image_size = 32
     vars(config.data).update(synthetic_train_size=32, synthetic_val_size=16, augment=False)
@@ -88,10 +95,9 @@ def is_head(name: str) -> bool:
 
 
 def our_probe(config: Config) -> tuple[nn.Module, FreezeState]:
-    """This project's freeze: the probe spec through freeze(), with bn_policy's BatchNorm modes."""
+    """The model as train builds it: trap_config's probe spec and bn_policy's BatchNorm modes."""
     seed_everything(config.train.seed)
-    model = build_model(config)
-    return model, freeze(model, ["!" + HEAD], config.freeze.bn_modes, "traps")
+    return prepare_model(config)
 
 
 def our_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader) -> None:
@@ -131,9 +137,10 @@ def trap_typo(config: Config) -> list[Row]:
         if name in no_grad:
             value.requires_grad = False
     naive = sum(not p.requires_grad for p in model.parameters())
+    ours_model = build_model(config)
     try:
-        freeze(build_model(config), no_grad, {}, "freeze list")
-        ours: int | str = sum(1 for _ in model.parameters())  # never reached: the typo is refused
+        freeze(ours_model, no_grad, {}, "freeze list")
+        ours: int | str = sum(not p.requires_grad for p in ours_model.parameters())
     except FreezeSpecError as err:
         ours = f"error: {err}"
     measure = f"tensors frozen of the {len(no_grad)} listed"
@@ -168,10 +175,17 @@ def trap_zeroed_grads(config: Config) -> list[Row]:
 
     ours_model, _ = our_probe(config)
     ours_before = snapshot(ours_model)
-    our_epoch(ours_model, make_optimizer(ours_model, config), DataLoader(train_set, config.train.batch_size))
+    ours_optimizer = make_optimizer(ours_model, config)
+    our_epoch(ours_model, ours_optimizer, DataLoader(train_set, config.train.batch_size))
     ours = max_change(ours_before, snapshot(ours_model), frozen)
-    measure = "max abs change of the frozen weights after an epoch"
-    return [Row("zeroed_grads", measure, naive, ours, "", naive > 0 and ours == 0)]
+    held = {id(p) for group in ours_optimizer.param_groups for p in group["params"]}
+    params = dict(ours_model.named_parameters())
+    ours_held = sum(id(params[name]) in held for name in frozen)
+    moved = "max abs change of the frozen weights after an epoch"
+    return [
+        Row("zeroed_grads", "frozen tensors the optimizer holds", len(frozen), ours_held, "tensors", ours_held == 0),
+        Row("zeroed_grads", moved, naive, ours, "", naive > 0 and ours == 0),
+    ]
 
 
 def head_inputs(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -210,12 +224,13 @@ def trap_batchnorm(config: Config) -> list[Row]:
     naive_features = float((head_inputs(model, val_inputs) - features).abs().max())
 
     ours_model, _ = our_probe(config)
-    before = snapshot(ours_model)
+    before, features = snapshot(ours_model), head_inputs(ours_model, val_inputs)
     our_epoch(ours_model, make_optimizer(ours_model, config), DataLoader(train_set, config.train.batch_size))
     ours_stats = max_change(before, snapshot(ours_model), stats)
     ours_features = float((head_inputs(ours_model, val_inputs) - features).abs().max())
+    shown = naive_stats > 0 and ours_stats == 0
     return [
-        Row("batchnorm", "max abs change of BatchNorm running_mean/var", naive_stats, ours_stats, "", ours_stats == 0),
+        Row("batchnorm", "max abs change of BatchNorm running_mean/var", naive_stats, ours_stats, "", shown),
         Row(
             "batchnorm",
             "max abs change of the frozen backbone's features (eval mode)",
@@ -303,7 +318,8 @@ def trap_unfreeze_without_group(config: Config) -> list[Row]:
     our_epoch(ours_model, optimizer, loader)
     scheduler.step()
     now_trainable = unfreeze_stage(ours_model, state, Stage(1, [released]), config.freeze.bn_modes)
-    groups = param_groups(ours_model, config, now_trainable, "stage0", 1.0, 1, 0)
+    # As train.begin_stages does it: new groups, on the schedule from this epoch.
+    groups = param_groups(ours_model, config, now_trainable, f"stage{state.stages_done}", 1.0, 1, 0)
     add_groups(ours_model, optimizer, scheduler, groups, config, config.train.epochs)
     before = snapshot(ours_model)
     our_epoch(ours_model, optimizer, loader)
@@ -342,9 +358,11 @@ def trap_resume_without_state(config: Config) -> list[Row]:
 
     The habit [templates], its checkpoint of every weight: the model, the
     optimizer (and the scaler), but not the lr schedule or the RNG state. The
-    resumed run restarts the schedule at its first lr and replays epoch 0's
-    shuffle, so it ends somewhere else. Our full checkpoints hold everything
-    the next epoch depends on: the two runs end bit-identical.
+    resumed script seeds torch as it did at the start, so it replays epoch
+    0's shuffle (and its new scheduler counts epochs from 0 again, which moves
+    the lr of every epoch after the resumed one): it ends somewhere else. Our
+    full checkpoints hold everything the next epoch depends on: the two runs
+    end bit-identical.
     """
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
