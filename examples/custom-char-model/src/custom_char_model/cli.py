@@ -15,7 +15,13 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointError, read_classes, read_state_dict
 from .config import Config, ConfigError, load_config
-from .data import DEFAULT_DATA, DataError, class_names, example_inputs, make_datasets
+from .data import (
+    DEFAULT_DATA,
+    DataError,
+    class_names,
+    example_inputs,
+    make_datasets,
+)
 from .distributed import pick_device, stop
 from .evaluation import confusion_matrix, finite_or_null, report, write_report
 from .export import FORMATS, ExportError, export

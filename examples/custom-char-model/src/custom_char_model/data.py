@@ -29,12 +29,17 @@ def make_datasets(data: str, config: Config) -> tuple[Dataset, Dataset]:
     return result
 
 
+def numbered_classes(num_classes: int) -> list[str]:
+    """The names of classes that have none: class_0, class_1, ..."""
+    return [f"class_{i}" for i in range(num_classes)]
+
+
 def class_names(dataset: Dataset, num_classes: int) -> list[str]:
-    """The class names in index order: an image folder's folder names, else class_0, class_1, ..."""
+    """The class names in index order: an image folder's folder names, else numbered_classes."""
     names = getattr(dataset, "classes", None)
     if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
         return list(names)
-    return [f"class_{i}" for i in range(num_classes)]
+    return numbered_classes(num_classes)
 
 
 def example_inputs(config: Config, count: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ from torch import nn
 
 from .batchnorm import fold_batchnorm, plain_batchnorm
 from .checkpoint import atomic_path
+from .data import numbered_classes
 
 FORMATS = ("pt2", "onnx", "torchscript")
 # The name of the class list inside a pt2 or torchscript file.
@@ -60,7 +61,7 @@ def export(
         expected = model(example)
         if fold_bn:
             fold_batchnorm(model)
-        names = classes or [f"class_{i}" for i in range(expected.shape[1])]
+        names = classes or numbered_classes(expected.shape[1])
         write, run = _writer(model, fmt, example, json.dumps(names))
 
         def check(tmp: Path) -> None:

@@ -15,7 +15,15 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointError, read_classes, read_state_dict
 from .config import Config, ConfigError, load_config
-from .data import DEFAULT_DATA, DataError, class_names, example_inputs, make_datasets, saved_split
+from .data import (
+    DEFAULT_DATA,
+    DataError,
+    class_names,
+    example_inputs,
+    make_datasets,
+    numbered_classes,
+    saved_split,
+)
 from .distributed import pick_device, stop
 from .evaluation import confusion_matrix, finite_or_null, report, write_report
 from .export import FORMATS, ExportError, export
@@ -23,7 +31,7 @@ from .freeze import FreezeSpecError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
 from .model import PretrainedWeightsError, build_model
 from .plot import PlotError, plot_confusion, plot_run
-from .predict import format_rows, image_files, predict, predict_workers, write_csv
+from .predict import format_rows, image_files, predict, predict_workers, write_predictions
 from .train import DivergedError, Stopped, fit, prepare_model
 from .weights import inspect_weights
 
@@ -280,7 +288,7 @@ def cmd_predict(args: argparse.Namespace, config: Config) -> int:
     if args.out is not None and not Path(args.out).parent.is_dir():
         raise ConfigError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
     model = trained_model(args.weights, config).to(device)
-    classes = read_classes(args.weights) or [f"class_{i}" for i in range(config.model.num_classes)]
+    classes = read_classes(args.weights) or numbered_classes(config.model.num_classes)
     if len(classes) != config.model.num_classes:
         raise CheckpointError(f"{args.weights} names {len(classes)} classes; the model has {config.model.num_classes}")
     if args.top_k > len(classes):
@@ -290,7 +298,7 @@ def cmd_predict(args: argparse.Namespace, config: Config) -> int:
     batch = args.batch_size or config.train.batch_size
     rows, skipped = predict(model, files, classes, config.train.image_size, args.top_k, batch, device, workers)
     if args.out:
-        write_csv(Path(args.out), rows)
+        write_predictions(Path(args.out), rows)
         print(f"wrote {args.out}: {len(files) - len(skipped)} images, top {args.top_k} each")
     else:
         print(format_rows(rows))

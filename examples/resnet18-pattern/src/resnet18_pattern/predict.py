@@ -7,8 +7,6 @@ broken file must not cost the other ten thousand answers.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from pathlib import Path
 
@@ -16,9 +14,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import atomic_write
 from .data import DataError, image_transforms, load_rgb
 from .distributed import SINGLE
+from .evaluation import write_csv
 from .train import loader_workers
 
 COLUMNS = ("path", "rank", "label", "probability")
@@ -118,10 +116,6 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def write_predictions(path: Path, rows: list[dict]) -> None:
     """path,rank,label,probability; written whole or not at all."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+    write_csv(path, list(COLUMNS), [[row[column] for column in COLUMNS] for row in rows])

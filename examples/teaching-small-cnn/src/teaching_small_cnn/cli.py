@@ -16,12 +16,19 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointError, read_classes, read_state_dict
 from .config import Config, ConfigError, load_config
-from .data import DEFAULT_DATA, DataError, class_names, make_datasets, saved_split
+from .data import (
+    DEFAULT_DATA,
+    DataError,
+    class_names,
+    make_datasets,
+    numbered_classes,
+    saved_split,
+)
 from .evaluation import confusion_matrix, finite_or_null, report, write_report
 from .freeze import FreezeSpecError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
 from .model import build_model
-from .predict import format_rows, image_files, predict, predict_workers, write_csv
+from .predict import format_rows, image_files, predict, predict_workers, write_predictions
 from .train import DivergedError, Stopped, fit, prepare_model
 from .traps import TRAPS, format_table, run_traps
 from .weights import inspect_weights
@@ -191,6 +198,11 @@ def cmd_inspect_weights(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def pick_device(name: str | None) -> torch.device:
+    """--device, else CUDA where there is one."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def trained_model(weights: str, config: Config) -> nn.Module:
     """The plain model (no freezing, plain BatchNorm) with every tensor from `weights`."""
     check_run_config(weights, config)
@@ -219,7 +231,7 @@ def check_run_config(weights: str, config: Config) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out} is a file; evaluate writes a folder of reports")
     model = trained_model(args.weights, config)
@@ -247,11 +259,11 @@ def cmd_traps(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, config: Config) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     if args.out is not None and not Path(args.out).parent.is_dir():
         raise ConfigError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
     model = trained_model(args.weights, config).to(device)
-    classes = read_classes(args.weights) or [f"class_{i}" for i in range(config.model.num_classes)]
+    classes = read_classes(args.weights) or numbered_classes(config.model.num_classes)
     if len(classes) != config.model.num_classes:
         raise CheckpointError(f"{args.weights} names {len(classes)} classes; the model has {config.model.num_classes}")
     if args.top_k > len(classes):
@@ -261,7 +273,7 @@ def cmd_predict(args: argparse.Namespace, config: Config) -> int:
     batch = args.batch_size or config.train.batch_size
     rows, skipped = predict(model, files, classes, config.train.image_size, args.top_k, batch, device, workers)
     if args.out:
-        write_csv(Path(args.out), rows)
+        write_predictions(Path(args.out), rows)
         print(f"wrote {args.out}: {len(files) - len(skipped)} images, top {args.top_k} each")
     else:
         print(format_rows(rows))
