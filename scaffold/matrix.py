@@ -37,8 +37,10 @@ RESEARCH_FEATURES = (
     "tensorboard",
 )
 TEACHING_FEATURES = ("traps",)
+# Opt-in in both profiles: each needs a package and a store the user picks.
+TRACKERS = ("mlflow", "wandb")
 # Every item of copier.yml's `features` choices.
-ALL_FEATURES = (*RESEARCH_FEATURES, *TEACHING_FEATURES)
+ALL_FEATURES = (*RESEARCH_FEATURES, *TRACKERS, *TEACHING_FEATURES)
 
 DIMENSIONS: dict[str, list[Any]] = {
     "backbone": [
@@ -60,8 +62,8 @@ DIMENSIONS: dict[str, list[Any]] = {
     "features": [
         (),
         TEACHING_FEATURES,
-        ("distributed", "compile", "lr_shaping", "plot", "traps"),
-        ("feature_cache", "grad_checkpointing", "amp", "export", "tensorboard"),
+        ("distributed", "compile", "lr_shaping", "plot", "mlflow", "traps"),
+        ("feature_cache", "grad_checkpointing", "amp", "export", "tensorboard", "wandb"),
         RESEARCH_FEATURES,
     ],
 }

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scaffold.matrix import run_tests
+from scaffold.matrix import RESEARCH_FEATURES, TRACKERS, run_tests
 from tests.conftest import make_venv
 
 # A representative subset: every freeze_by, BN policy and format at least
@@ -26,8 +26,14 @@ SUBSET = {
         "checkpoint_formats": ["state_dict", "safetensors", "full"],
         "unfreeze_at_epoch": 1,
     },
-    "index-train-state_dict": {"freeze_by": "index", "bn_policy": "train", "checkpoint_formats": ["state_dict"]},
-    "pattern-replace_frozen-unfreeze": {
+    "index-train-state_dict-trackers": {
+        "freeze_by": "index",
+        "bn_policy": "train",
+        "checkpoint_formats": ["state_dict"],
+        "features": [*RESEARCH_FEATURES, *TRACKERS],
+    },
+    "pattern-replace_frozen-unfreeze-trackers": {
+        "features": [*RESEARCH_FEATURES, *TRACKERS],
         "freeze_by": "pattern",
         "bn_policy": "replace_frozen",
         "checkpoint_formats": ["safetensors", "full"],

@@ -30,7 +30,9 @@ FEATURE_FILES = {
     "amp": (set(), {"test_amp"}),
     "export": ({"export"}, {"test_export"}),
     "plot": ({"plot"}, {"test_plot"}),
-    "tensorboard": (set(), {"test_tensorboard"}),
+    "tensorboard": ({"tracking"}, {"test_tensorboard"}),
+    "mlflow": ({"tracking"}, {"test_mlflow"}),
+    "wandb": ({"tracking"}, {"test_wandb"}),
     "traps": ({"traps"}, {"test_traps"}),
 }
 
@@ -150,7 +152,9 @@ FEATURE_TRACES = {
     "amp": [("src/finetune_demo/train.py", "autocast"), ("src/finetune_demo/config.toml", "amp_dtype")],
     "export": [("src/finetune_demo/cli.py", "export"), ("pyproject.toml", "onnx")],
     "plot": [("src/finetune_demo/cli.py", "plot"), ("pyproject.toml", "matplotlib")],
-    "tensorboard": [("src/finetune_demo/train.py", "tensorboard"), ("pyproject.toml", "tensorboard")],
+    "tensorboard": [("src/finetune_demo/config.toml", "tensorboard"), ("pyproject.toml", "tensorboard")],
+    "mlflow": [("src/finetune_demo/config.toml", "mlflow"), ("pyproject.toml", "mlflow"), ("README.md", "mlflow")],
+    "wandb": [("src/finetune_demo/config.toml", "wandb"), ("pyproject.toml", "wandb"), ("README.md", "wandb")],
     "traps": [("src/finetune_demo/cli.py", "traps"), ("README.md", "the traps, live")],
 }
 

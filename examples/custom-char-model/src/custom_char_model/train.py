@@ -67,6 +67,7 @@ from .optim import (
 )
 from .rng import restore_rng, rng_state, seed_everything
 from .runfolder import check_free, claim
+from .tracking import Trackers, check_packages, flat_params, open_trackers
 from .weights import load_init
 
 # How often a step reads back whether the loss stayed finite.
@@ -325,8 +326,7 @@ class Run:
     val_loader: DataLoader | None = None
     caching: bool = False
     cache: tuple[CachedBatches, CachedBatches] | None = None
-    board_writer: Any = None
-    board: Any = None
+    trackers: Trackers | None = None
     lock: IO[str] | None = None
     saved: int | None = None  # the last epoch whose files are all written
     checkpoint: dict[str, Any] | None = None
@@ -376,13 +376,15 @@ def fit(
                 raise DivergedError(f"epoch {epoch}, {err}") from None
             record(run, row)
             save(run, row)
+            if run.trackers is not None:
+                run.trackers.sync(run.history)
             if stop_after is not None and ran >= stop_after:
                 break
     except KeyboardInterrupt:
         raise Stopped(stopped_line(run)) from None
     finally:
-        if run.board is not None:
-            run.board.close()
+        if run.trackers is not None:
+            run.trackers.close(best_files(run), failed=sys.exc_info()[0] is not None)
         if run.lock is not None:
             run.lock.close()
     return run.history
@@ -420,7 +422,11 @@ def check_config(config: Config, world: World, device: torch.device) -> None:
 
 
 # Keys that cannot change what a run computes: a resume may take new values for them.
-FREE_ON_RESUME = ("train.num_workers", "checkpoint.keep_last_k", "log.tensorboard")
+FREE_ON_RESUME = (
+    "train.num_workers",
+    "checkpoint.keep_last_k",
+    "log.tensorboard",
+)
 
 
 def resumed_config(config: Config | None, asked: Asked, world: World) -> tuple[Config, dict[str, Any], Path]:
@@ -520,7 +526,7 @@ def start_run(config: Config | None, asked: Asked) -> Run:
         raise ConfigError(
             f"--resume {resume} was trained on the classes {saved}; --data {asked.data} has {run.classes}"
         )
-    run.board_writer = tensorboard_writer() if config.log.tensorboard and world.main else None
+    check_packages(config)
     return run
 
 
@@ -540,8 +546,16 @@ def open_run(run: Run, asked: Asked) -> None:
     # registers only the parameters that require grad when it is made.
     run.net = make_net(run.model, run.world, run.device, run.config)
     make_loaders(run)
-    if run.board_writer is not None:
-        run.board = run.board_writer(run.out / "tensorboard", purge_step=run.first)
+    if run.world.main:
+        start_trackers(run)
+
+
+def start_trackers(run: Run) -> None:
+    """The trackers turned on in [log], told the config, the freeze counts and the manifest."""
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in run.model.parameters()) - trainable
+    counts = {"trainable_params": trainable, "frozen_params": frozen}
+    run.trackers = open_trackers(run.out, run.config, run.history, flat_params(run.config, counts))
 
 
 def write_record(run: Run) -> None:
@@ -627,6 +641,8 @@ def begin_stages(run: Run, epoch: int) -> None:
         if run.world.main:
             write_json(run.out / "freeze_manifest.json", manifest(run.model, run.state, run.groups))
             print(stage_line(run.model, epoch, stage, names, new))
+        if run.trackers is not None:
+            run.trackers.file(run.out / "freeze_manifest.json")
         if run.caching and names:
             run.caching, run.cache = False, None
             if run.world.main:
@@ -672,15 +688,11 @@ def run_epoch(run: Run, epoch: int) -> dict[str, float]:
 
 
 def record(run: Run, row: dict[str, float]) -> None:
-    """The row joins the history: metrics.csv, TensorBoard and one printed line."""
+    """The row joins the history: metrics.csv and one printed line."""
     run.history.append(row)
     if not run.world.main:
         return
     write_metrics(run.out / "metrics.csv", run.history)
-    if run.board is not None:
-        for key in METRIC_COLUMNS[1:]:
-            run.board.add_scalar(key, row[key], row["epoch"])
-        run.board.flush()
     print(
         f"epoch {row['epoch']}: train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.3f} "
         f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.3f} lr {row['lr']:.2e} "
@@ -746,16 +758,10 @@ def stage_line(model: nn.Module, epoch: int, stage: Stage, names: list[str], gro
     )
 
 
-def tensorboard_writer() -> Any:
-    """SummaryWriter, checked before the run folder exists: log.tensorboard needs the package."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError(
-            "log.tensorboard = true needs the tensorboard package: "
-            "pip install -e '.[tensorboard]' (or pip install tensorboard)"
-        ) from None
-    return SummaryWriter
+def best_files(run: Run) -> list[Path]:
+    """The best weights, for the trackers: one file, the format every loader reads first."""
+    names = ["best.pt"]
+    return [run.out / name for name in names if (run.out / name).exists()][:1]
 
 
 def full_info(checkpoint: dict[str, Any]) -> dict[str, Any]:

@@ -23,8 +23,10 @@ LOCK = ".lock"
 # What a run writes; any of them means the folder already holds a run.
 RUN_FILES = re.compile(
     r"^(config\.toml|classes\.json|split\.json|freeze_manifest\.json|metrics\.csv|best\.pt|best\.safetensors|last\.ckpt|epoch-\d+\.ckpt"
-    r"|curves\.png|" + re.escape(MANIFEST) + ")$"
+    r"|curves\.png|trackers\.json|" + re.escape(MANIFEST) + ")$"
 )
+# What the trackers keep in the folder: the old run's go with --overwrite.
+STORES = ("tensorboard",)
 # atomic_path's temp files: .NAME.RANDOM.tmp
 TEMP_FILE = re.compile(r"^\..+\.tmp$")
 
@@ -68,6 +70,10 @@ def claim(folder: Path, *, overwrite: bool) -> IO[str]:
     for path in folder.iterdir():
         if TEMP_FILE.match(path.name) or (overwrite and RUN_FILES.match(path.name)):
             path.unlink()
-    if overwrite and (folder / "tensorboard").is_dir():
-        shutil.rmtree(folder / "tensorboard")
+    for store in STORES:
+        path = folder / store
+        if overwrite and path.is_dir():
+            shutil.rmtree(path)
+        elif overwrite and path.exists():
+            path.unlink()
     return lock

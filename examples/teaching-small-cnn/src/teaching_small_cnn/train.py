@@ -333,7 +333,10 @@ def check_config(config: Config) -> None:
 
 
 # Keys that cannot change what a run computes: a resume may take new values for them.
-FREE_ON_RESUME = ("train.num_workers", "checkpoint.keep_last_k")
+FREE_ON_RESUME = (
+    "train.num_workers",
+    "checkpoint.keep_last_k",
+)
 
 
 def resumed_config(config: Config | None, asked: Asked) -> tuple[Config, dict[str, Any], Path]:
