@@ -56,8 +56,15 @@ SUBSET = {
 def test_generated_suite_passes_on_cpu(render_project, name):
     project = render_project(name, **SUBSET[name])
     proc = run_tests(project, ["-x"])
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, failure_report(proc)
     assert " passed" in proc.stdout.splitlines()[-1]
+
+
+def failure_report(proc: subprocess.CompletedProcess) -> str:
+    """The failing test's own section first: captured library logs would push it out of a tail."""
+    out = proc.stdout
+    start = max(out.find("= FAILURES ="), out.find("= ERRORS ="), 0)
+    return out[start : start + 6000] + "\n...\n" + out[-1500:] + proc.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import os
+import pickle
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from linear_probe_small_cnn.checkpoint import (
+    MANIFEST,
     CheckpointError,
     RunFiles,
     atomic_write,
@@ -81,6 +84,18 @@ def test_first_n_counts_in_the_models_order_not_the_files(tmp_path, config):
     plan = load_init(model, tmp_path / "w.safetensors", init_config(config, first_n=4, min_loaded_fraction=0.0))
     assert plan.loaded == list(source)[:4]
     assert plan.beyond_first_n == list(source)[4:]
+
+
+def test_init_says_when_integers_load_into_float_weights(tmp_path, config, capsys):
+    model = build_model(config)
+    source = model.state_dict()
+    name = next(k for k, v in source.items() if v.is_floating_point())
+    source[name] = torch.ones_like(source[name], dtype=torch.int64)
+    torch.save(source, tmp_path / "w.pt")
+    plan = load_init(model, tmp_path / "w.pt", init_config(config))
+    assert plan.converted == [(name, torch.int64, torch.float32)]
+    row = rf"converted +{re.escape(name)}  file torch\.int64 -> model torch\.float32"
+    assert re.search(row, capsys.readouterr().out)
 
 
 def test_the_report_collapses_runs_of_keys_under_one_module(config):
@@ -152,9 +167,53 @@ class RunsCode:
 def test_a_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"state_dict": {}, "payload": RunsCode(marker)}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="refused: loading it would run code from .*posix.system"):
+    with pytest.raises(CheckpointError, match="refused: loading it would run code from .*posix.system") as excinfo:
         torch_load(tmp_path / "evil.pt")
     assert not marker.exists()
+
+    assert "weights_only" not in str(excinfo.value)  # never the advice that would run it
+
+
+def test_a_legacy_pickle_that_runs_code_is_refused_without_the_unsafe_advice(tmp_path):
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "old.pt", "wb") as f:
+        pickle.dump({"state_dict": {}, "payload": RunsCode(marker)}, f)  # no zip: the pre-1.6 layout
+    with pytest.raises(CheckpointError, match="refused: loading it would run code from .*system") as excinfo:
+        torch_load(tmp_path / "old.pt")
+    assert "weights_only" not in str(excinfo.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("shape", ["[1, 2]", '{"files": [1]}', '{"files": {"best.pt": 5}}', '{"other": {}}'])
+def test_a_checkpoints_json_of_the_wrong_shape_is_one_line(tmp_path, shape):
+    (tmp_path / MANIFEST).write_text(shape)
+    with pytest.raises(CheckpointError, match=r"checkpoints\.json is damaged: expected"):
+        RunFiles(tmp_path)
+
+
+def test_a_full_disk_is_one_line_and_the_file_it_would_replace_stays(tmp_path):
+    path = tmp_path / "best.pt"
+    path.write_bytes(b"the good file")
+
+    def fills_the_disk(f) -> None:
+        f.write(b"half of the new")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(CheckpointError, match=r"could not write .*best\.pt: No space left on device; the file it"):
+        atomic_write(path, fills_the_disk)
+    assert path.read_bytes() == b"the good file"
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temp file left
+
+
+def test_train_on_a_full_disk_exits_2_with_one_line(tmp_path, config_file, monkeypatch, capsys):
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)  # where a full disk shows: the data reaching it
+    assert main(["--config", str(config_file), "train", "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err, err
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "zeroed", "random"])

@@ -100,6 +100,29 @@ def test_evaluate_reports_accuracy_of_saved_weights(tmp_path, config, config_fil
     assert (report_dir / "confusion.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_evaluate_refuses_weights_changed_since_the_run_wrote_them(tmp_path, config, config_file, capsys):
+    out = tmp_path / "run"
+    fit(config, out, epochs=1, device="cpu")
+    weights = out / "best.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte that may still load: only the recorded SHA-256 tells
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["--config", str(config_file), "evaluate", "--weights", str(weights)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{weights}" in err and "checkpoints.json" in err
+
+
+def test_weights_of_another_model_are_summarised_in_one_line(tmp_path, config, config_file, capsys):
+    other = {f"encoder.block{i}.weight": torch.zeros(3) for i in range(200)}
+    torch.save(other, tmp_path / "other.pt")
+    assert main(["--config", str(config_file), "evaluate", "--weights", str(tmp_path / "other.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and len(err) < 600, err
+    assert "0 of" in err and "missing in file" in err and "not in model: encoder.*" in err
+
+
 def no_nan(constant: str) -> None:
     raise AssertionError(f"{constant} is not JSON")
 

@@ -29,6 +29,7 @@ class LoadPlan:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     beyond_first_n: list[str] = field(default_factory=list)
+    converted: list[tuple[str, torch.dtype, torch.dtype]] = field(default_factory=list)  # loaded, but as another kind
     remapped: int = 0
     model_keys: list[str] = field(default_factory=list)
 
@@ -55,10 +56,25 @@ class LoadPlan:
         # Never collapsed: the two shapes are what tells a new head from a wrong file.
         for key, file, model in self.mismatched:
             rows.append(("shape mismatch", f"{key}  file {list(file)} model {list(model)}"))
+        for key, file_dtype, model_dtype in self.converted:
+            rows.append(("converted", f"{key}  file {file_dtype} -> model {model_dtype}"))
         rows += [("beyond first_n", label) for label in collapse(self.beyond_first_n, universe)]
         rows += [("missing in file", label) for label in collapse(self.missing, universe)]
         rows += [("not in model", label) for label in collapse(self.unexpected, universe)]
         return rows
+
+    def summary(self) -> str:
+        """One line of what does not fit: the first names of each kind, as the table collapses them."""
+        universe = self.model_keys + self.unexpected
+        parts = [f"{len(self.tensors)} of {len(self.model_keys)} model tensors load"]
+        for kind, keys in (("missing in file", self.missing), ("not in model", self.unexpected)):
+            labels = collapse(keys, universe)
+            if labels:
+                more = f" (+{len(labels) - 3} more)" if len(labels) > 3 else ""
+                parts.append(f"{kind}: {', '.join(labels[:3])}{more}")
+        for key, file, model in self.mismatched[:3]:
+            parts.append(f"shape mismatch: {key} file {list(file)} model {list(model)}")
+        return "; ".join(parts)
 
     def format(self) -> str:
         header = (
@@ -134,6 +150,9 @@ def plan_load(model: nn.Module, source: dict[str, torch.Tensor], name: str, rema
             plan.beyond_first_n.append(key)
         else:
             plan.tensors[key] = renamed[key]
+            if renamed[key].is_floating_point() != value.is_floating_point():
+                # load_state_dict would cast it without a word: int64 counts into float weights, or back.
+                plan.converted.append((key, renamed[key].dtype, value.dtype))
     plan.unexpected = [key for key in renamed if key not in target]
     return plan
 

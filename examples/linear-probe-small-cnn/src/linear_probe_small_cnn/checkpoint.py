@@ -11,11 +11,13 @@ that still unpickles is caught too.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
 import pickle
+import pickletools
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -62,6 +64,14 @@ def atomic_path(path: Path, before_replace: Callable[[Path], None] | None = None
         if before_replace is not None:
             before_replace(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(
+                f"could not write {path}: {err.strerror}; the file it would replace, "
+                "and every earlier file of the run, are intact"
+            ) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -120,9 +130,18 @@ class RunFiles:
         self.files: dict[str, dict[str, Any]] = {}
         if self.path.is_file():
             try:
-                self.files = json.loads(self.path.read_text())["files"]
-            except (ValueError, KeyError, TypeError) as err:
-                raise CheckpointError(f"{self.path} is damaged: {err}") from None
+                files = json.loads(self.path.read_text())["files"]
+            except (ValueError, KeyError, TypeError):
+                files = None
+            # Each entry is read for its hash before any file is trusted.
+            if not isinstance(files, dict) or not all(
+                isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in files.values()
+            ):
+                raise CheckpointError(
+                    f"{self.path} is damaged: expected a table of files, each with its sha256, as a run writes it; "
+                    "move it aside to use the folder's files unchecked"
+                )
+            self.files = files
 
     def save(self, name: str, data: bytes, info: dict[str, Any]) -> None:
         """Write `data` to `folder/name` atomically and record it with `info` (epoch, metric, format)."""
@@ -174,6 +193,13 @@ class RunFiles:
         atomic_write(self.path, lambda f: f.write(text.encode()))
 
 
+def verify_in_run(path: str | Path) -> None:
+    """A file in a run folder must match the folder's checkpoints.json: changed since the run wrote it is refused."""
+    path = Path(path)
+    if (path.parent / MANIFEST).is_file():
+        RunFiles(path.parent).verify(path.name)
+
+
 def torch_load(path: str | Path) -> Any:
     """torch.load with weights_only=True; every failure becomes a CheckpointError."""
     path = Path(path)
@@ -189,12 +215,12 @@ def torch_load(path: str | Path) -> Any:
             # Refused by the weights_only unpickler: the file wants to build
             # arbitrary Python objects. Nothing from it has run.
             raise CheckpointError(
-                f"{path} ({size} bytes) was refused: loading it would run code from "
-                f"{', '.join(unsafe)}. If you trust the file, convert it once, in a separate script: "
-                "torch.save(torch.load(path, weights_only=False)['state_dict'], new_path) "
-                "(or whichever key holds the weights)"
+                f"{path} ({size} bytes) was refused: loading it would run code from {', '.join(unsafe)}; "
+                "only tensors and plain containers load here"
             ) from None
-        raise CheckpointError(f"{path} ({size} bytes) is damaged or not a torch file: {err}") from None
+        # torch's own message goes on to advise weights_only=False, which would run the file: keep its reason only.
+        reason = (str(err).rpartition("WeightsUnpickler error:")[2].strip().splitlines() or ["not a pickle"])[0]
+        raise CheckpointError(f"{path} ({size} bytes) is damaged or not a torch file: {reason}") from None
     except (RuntimeError, EOFError, IndexError, ValueError, KeyError, zipfile.BadZipFile, OSError) as err:
         raise CheckpointError(
             f"{path} ({size} bytes) is damaged or not a torch file: {type(err).__name__}: {err}"
@@ -216,10 +242,25 @@ def _check_zip_records(path: Path, size: int) -> None:
 
 
 def _unsafe_globals(path: Path) -> list[str]:
+    """The Python callables a torch file would import to load, read without running any."""
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # noqa: BLE001 - not a zip checkpoint at all: damaged, not hostile
-        return []
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: perhaps a legacy (pre-1.6) pickle
+        pass
+    # A legacy file is a run of plain pickles (then raw storage bytes): their
+    # GLOBAL opcodes name what they would import.
+    found: list[str] = []
+    with contextlib.suppress(Exception), open(path, "rb") as f:
+        while f.tell() < path.stat().st_size:
+            strings: list[str] = []
+            for opcode, arg, _ in pickletools.genops(f):
+                strings += [arg] if isinstance(arg, str) else []
+                name = str(arg).replace(" ", ".") if opcode.name == "GLOBAL" else None
+                if opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    name = ".".join(strings[-2:])
+                if name and not name.startswith(("torch.", "collections.OrderedDict")):
+                    found.append(name)
+    return found
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

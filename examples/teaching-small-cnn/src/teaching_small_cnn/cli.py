@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import CheckpointError, read_classes, read_state_dict
+from .checkpoint import CheckpointError, read_classes, read_state_dict, verify_in_run
 from .config import Config, ConfigError, load_config
 from .data import (
     DEFAULT_DATA,
@@ -31,7 +31,7 @@ from .model import build_model
 from .predict import format_rows, image_files, predict, predict_workers, write_predictions
 from .train import DivergedError, Stopped, fit, prepare_model
 from .traps import TRAPS, format_table, run_traps
-from .weights import inspect_weights
+from .weights import inspect_weights, plan_load
 
 # A spec in this model's own names, for --help.
 SPEC_EXAMPLE = "block1, !head"
@@ -204,13 +204,17 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def trained_model(weights: str, config: Config) -> nn.Module:
-    """The plain model (no freezing, plain BatchNorm) with every tensor from `weights`."""
+    """The plain model (no freezing, plain BatchNorm) with every tensor from `weights`.
+
+    A file in a run folder must match its checkpoints.json, as a resume's must.
+    """
     check_run_config(weights, config)
+    verify_in_run(weights)
     model = build_model(config)
-    try:
-        model.load_state_dict(read_state_dict(weights))
-    except RuntimeError as err:
-        raise CheckpointError(f"{weights} does not fit this model: {err}") from None
+    plan = plan_load(model, read_state_dict(weights), weights, remap=[], first_n=0)
+    if plan.missing or plan.unexpected or plan.mismatched:
+        raise CheckpointError(f"{weights} does not fit this model: {plan.summary()}")
+    model.load_state_dict(plan.tensors)
     return model
 
 
