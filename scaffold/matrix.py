@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .render import render
+from .render import backbone_facts, render
 
 # copier.yml's `features` defaults per profile, in its order.
 RESEARCH_FEATURES = (
@@ -69,14 +69,15 @@ DIMENSIONS: dict[str, list[Any]] = {
 }
 
 
-# Backbones without BatchNorm (timm's default ViT; custom's shipped character
-# model): copier.yml does not ask bn_policy, so only its default occurs.
-WITHOUT_BATCHNORM = {"convnext_tiny", "vit_b_16", "timm", "custom"}
+def without_batchnorm() -> set[str]:
+    """Backbones whose copier.yml facts say no BatchNorm (timm's default ViT, custom's
+    character model): copier.yml does not ask bn_policy, so only its default occurs."""
+    return {b for b in DIMENSIONS["backbone"] if not backbone_facts(b)["has_bn"]}
 
 
 def is_valid(row: dict[str, Any]) -> bool:
     """The pruning rules, in one place: what copier.yml's validators reject, and unasked questions."""
-    if row["backbone"] in WITHOUT_BATCHNORM:
+    if row["backbone"] in without_batchnorm():
         default = "train" if row["freeze_by"] == "none" else "eval_frozen"
         if row["bn_policy"] != default:
             return False

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,22 @@ def render(dest: str | Path, data: dict[str, Any], *, src: str | Path | None = N
             unsafe=False,
         )
     return dest
+
+
+@functools.cache
+def backbone_facts(backbone: str) -> dict[str, Any]:
+    """copier.yml's `bb` table for one backbone (its defaults for the rest), as Copier computes it.
+
+    The one source of backbone facts (head, BatchNorm, default selections):
+    the scaffold reads them here instead of keeping a copy.
+    """
+    with tempfile.TemporaryDirectory() as dest, warnings.catch_warnings():
+        warnings.simplefilter("ignore", copier.errors.DirtyLocalWarning)
+        answers = {"backbone": backbone}
+        worker = copier.run_copy(
+            str(template_root()), dest, data=answers, defaults=True, quiet=True, pretend=True, vcs_ref="HEAD"
+        )
+    return dict(worker.answers.combined["bb"])
 
 
 def package_name(project: Path) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,6 +68,35 @@ def test_an_unreadable_image_is_named_or_skipped(tmp_path, capsys):
     assert len(train) == 4 and all(str(broken) != path for path, _ in train.samples)
     with pytest.raises(DataError, match='bad_images must be "error" or "skip"'):
         image_folder_datasets(root, 32, 2, bad_images="ignore")
+
+
+def broken_images(folder: Path) -> list[Path]:
+    """A truncated JPEG and a PNG with corrupt pixel data but valid chunk CRCs: both pass Image.verify()."""
+    pixels = torch.randint(0, 256, (64, 64, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    jpeg, png = folder / "cut.jpg", folder / "garbled.png"
+    Image.fromarray(pixels.numpy()).save(jpeg, quality=90)
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size * 6 // 10])
+    Image.fromarray(pixels.numpy()).save(png)
+    data = bytearray(png.read_bytes())
+    start = data.index(b"IDAT")  # 4-byte length before it, data after it, then the CRC
+    length = int.from_bytes(data[start - 4 : start], "big")
+    data[start + 20 : start + 40] = bytes(20)
+    data[start + 4 + length : start + 8 + length] = zlib.crc32(data[start : start + 4 + length]).to_bytes(4, "big")
+    png.write_bytes(bytes(data))
+    for path in (jpeg, png):
+        with Image.open(path) as image:
+            image.verify()  # what a header-only check would let through
+    return [jpeg, png]
+
+
+def test_images_that_only_fail_when_decoded_are_caught_before_training(tmp_path, capsys):
+    root = image_folder(tmp_path / "images")
+    broken = broken_images(root / "train" / "class1")
+    with pytest.raises(DataError, match=r"2 unreadable image\(s\).*cut\.jpg.*garbled\.png"):
+        image_folder_datasets(root, 32, 2)
+    train, _ = image_folder_datasets(root, 32, 2, bad_images="skip")
+    assert "2 unreadable" in capsys.readouterr().err
+    assert len(train) == 4 and not {str(p) for p in broken} & {path for path, _ in train.samples}
 
 
 def one_folder(root, config, per_class: int = 5):
