@@ -61,6 +61,23 @@ def test_predict_agrees_with_evaluate(trained, tmp_path, capsys):
         assert first["label"] in NAMES and first["label"] != second["label"]
 
 
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_predict_on_an_export_gives_what_the_weights_give(trained, tmp_path, fmt):
+    images, out, config = trained
+    exported = tmp_path / f"model.{fmt}"
+    weights = str(out / "best.pt")
+    assert main([*config, "export", "--weights", weights, "--format", fmt, "--out", str(exported)]) == 0
+    tables = {}
+    for name, source in (("weights", weights), ("export", str(exported))):
+        tables[name] = tmp_path / f"{name}.csv"
+        args = [*config, "predict", "--weights", source, str(images / "val"), "--top-k", "2"]
+        assert main([*args, "--out", str(tables[name]), "--device", "cpu"]) == 0
+    rows = {name: list(csv.DictReader(open(path))) for name, path in tables.items()}
+    assert [(r["path"], r["label"]) for r in rows["export"]] == [(r["path"], r["label"]) for r in rows["weights"]]
+    for ours, theirs in zip(rows["export"], rows["weights"], strict=True):
+        assert float(ours["probability"]) == pytest.approx(float(theirs["probability"]), abs=1e-4)
+
+
 def test_an_unreadable_image_is_named_and_skipped_and_the_exit_status_says_so(trained, tmp_path, capsys):
     images, out, config = trained
     folder = tmp_path / "new"

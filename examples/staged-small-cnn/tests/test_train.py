@@ -101,6 +101,19 @@ def test_evaluate_reports_accuracy_of_saved_weights(tmp_path, config, config_fil
     assert (report_dir / "confusion.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_evaluate_run_reads_the_runs_best_weights_and_config(tmp_path, config, capsys):
+    out = tmp_path / "run"
+    fit(config, out, epochs=1, device="cpu")  # a shrunken config: only the run's config.toml holds its sizes
+    weights = out / "best.safetensors"
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(out)]) == 0
+    by_run = json.loads(capsys.readouterr().out)
+    assert main(["--config", str(out / "config.toml"), "evaluate", "--weights", str(weights)]) == 0
+    assert by_run == json.loads(capsys.readouterr().out)
+    assert main(["evaluate", "--run", str(tmp_path)]) == 2
+    assert "no best.safetensors, best.pt or last.ckpt" in capsys.readouterr().err
+
+
 def test_evaluate_refuses_weights_changed_since_the_run_wrote_them(tmp_path, config, config_file, capsys):
     out = tmp_path / "run"
     fit(config, out, epochs=1, device="cpu")

@@ -83,11 +83,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     add_train_command(commands)
 
-    ev = commands.add_parser("evaluate", help="loss and accuracy of saved weights")
-    ev.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt")
-    ev.add_argument("--data", default=DEFAULT_DATA)
-    ev.add_argument("--device")
-    ev.add_argument("--out", help="folder to write per_class.csv and confusion.csv (and confusion.png) into")
+    add_inference_commands(commands)
 
     ex = commands.add_parser("export", help="export saved weights for inference and check them against eager")
     ex.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt")
@@ -100,6 +96,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="draw a run folder's metrics.csv as DIR/curves.png")
     plot.add_argument("dir", help="run folder")
     return parser
+
+
+def add_inference_commands(commands: argparse._SubParsersAction) -> None:
+    """evaluate: what saved weights do."""
+    ev = commands.add_parser("evaluate", help="loss and accuracy of saved weights")
+    source = ev.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", help="best.pt, best.safetensors or last.ckpt")
+    source.add_argument("--run", help="a run folder: its best weights and, without --config, its config.toml")
+    ev.add_argument("--data", default=DEFAULT_DATA)
+    ev.add_argument("--device")
+    ev.add_argument("--out", help="folder to write per_class.csv and confusion.csv (and confusion.png) into")
 
 
 def add_train_command(commands: argparse._SubParsersAction) -> None:
@@ -239,10 +246,22 @@ def check_run_config(weights: str, config: Config) -> None:
             )
 
 
+def run_weights(run: Path) -> Path:
+    """The weights `evaluate --run` reads: the best file, else the last checkpoint."""
+    for name in ("best.safetensors", "best.pt", "last.ckpt"):
+        if (run / name).is_file():
+            return run / name
+    raise ConfigError(f"--run {run}: no best.safetensors, best.pt or last.ckpt there")
+
+
 def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
     device = pick_device(args.device)
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out} is a file; evaluate writes a folder of reports")
+    if args.run is not None:
+        args.weights = str(run_weights(Path(args.run)))
+        if args.config is None:
+            config = load_config(Path(args.run) / "config.toml", args.set)
     model = trained_model(args.weights, config)
     _, val_set = make_datasets(args.data, config)
     saved, names = read_classes(args.weights), class_names(val_set, config.model.num_classes)

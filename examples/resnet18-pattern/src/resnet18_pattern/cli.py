@@ -7,9 +7,10 @@ import contextlib
 import json
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -26,7 +27,7 @@ from .data import (
 )
 from .distributed import pick_device, stop
 from .evaluation import confusion_matrix, finite_or_null, report, write_report
-from .export import FORMATS, ExportError, export
+from .export import FORMATS, ExportError, export, export_classes, load_export
 from .freeze import FreezeSpecError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
 from .model import PretrainedWeightsError, build_model
@@ -87,19 +88,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     add_train_command(commands)
 
-    ev = commands.add_parser("evaluate", help="loss and accuracy of saved weights")
-    ev.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt")
-    ev.add_argument("--data", default=DEFAULT_DATA)
-    ev.add_argument("--device")
-    ev.add_argument("--out", help="folder to write per_class.csv and confusion.csv (and confusion.png) into")
-
-    pr = commands.add_parser("predict", help="classify image files or folders with saved weights")
-    pr.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt; class names come with it")
-    pr.add_argument("paths", nargs="+", metavar="PATH", help="an image file, or a folder searched recursively")
-    pr.add_argument("--top-k", type=at_least_one, default=1, help="the K most probable classes of each image")
-    pr.add_argument("--out", help="write a CSV (path,rank,label,probability) instead of the table")
-    pr.add_argument("--batch-size", type=at_least_one, help="images per batch (default: train.batch_size)")
-    pr.add_argument("--device")
+    add_inference_commands(commands)
 
     ex = commands.add_parser("export", help="export saved weights for inference and check them against eager")
     ex.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt")
@@ -112,6 +101,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="draw a run folder's metrics.csv as DIR/curves.png")
     plot.add_argument("dir", help="run folder")
     return parser
+
+
+def add_inference_commands(commands: argparse._SubParsersAction) -> None:
+    """evaluate and predict: what saved weights do."""
+    ev = commands.add_parser("evaluate", help="loss and accuracy of saved weights")
+    source = ev.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", help="best.pt, best.safetensors or last.ckpt")
+    source.add_argument("--run", help="a run folder: its best weights and, without --config, its config.toml")
+    ev.add_argument("--data", default=DEFAULT_DATA)
+    ev.add_argument("--device")
+    ev.add_argument("--out", help="folder to write per_class.csv and confusion.csv (and confusion.png) into")
+
+    pr = commands.add_parser("predict", help="classify image files or folders with saved weights")
+    pr.add_argument(
+        "--weights",
+        required=True,
+        help="best.pt, best.safetensors or last.ckpt, or a .pt2 or .onnx export; class names come with it",
+    )
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="an image file, or a folder searched recursively")
+    pr.add_argument("--top-k", type=at_least_one, default=1, help="the K most probable classes of each image")
+    pr.add_argument("--out", help="write a CSV (path,rank,label,probability) instead of the table")
+    pr.add_argument("--batch-size", type=at_least_one, help="images per batch (default: train.batch_size)")
+    pr.add_argument("--device")
 
 
 def add_train_command(commands: argparse._SubParsersAction) -> None:
@@ -251,10 +263,22 @@ def check_run_config(weights: str, config: Config) -> None:
             )
 
 
+def run_weights(run: Path) -> Path:
+    """The weights `evaluate --run` reads: the best file, else the last checkpoint."""
+    for name in ("best.safetensors", "best.pt", "last.ckpt"):
+        if (run / name).is_file():
+            return run / name
+    raise ConfigError(f"--run {run}: no best.safetensors, best.pt or last.ckpt there")
+
+
 def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
     device = pick_device(args.device)
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out} is a file; evaluate writes a folder of reports")
+    if args.run is not None:
+        args.weights = str(run_weights(Path(args.run)))
+        if args.config is None:
+            config = load_config(Path(args.run) / "config.toml", args.set)
     model = trained_model(args.weights, config)
     # A one-folder dataset validates on the split the weights were trained with.
     _, val_set = make_datasets(args.data, config, saved_split(Path(args.weights).parent, args.data))
@@ -287,12 +311,24 @@ def cmd_plot(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def predict_model(weights: str, config: Config, device: torch.device) -> tuple[Callable, list[str]]:
+    """The model predict runs, and its class names: trained weights, or a .pt2 or .onnx export."""
+    if Path(weights).suffix not in (".pt2", ".onnx"):
+        model = trained_model(weights, config).to(device).eval()
+        return model, read_classes(weights) or numbered_classes(config.model.num_classes)
+    if device.type != "cpu":
+        raise ConfigError(f"--device {device}: an export runs on the CPU, where export checked it")
+    check_run_config(weights, config)  # its input size is fixed: the config must be the one it was trained with
+    if not Path(weights).is_file():
+        raise CheckpointError(f"{weights}: no such file")
+    return load_export(weights), export_classes(weights)
+
+
 def cmd_predict(args: argparse.Namespace, config: Config) -> int:
     device = pick_device(args.device)
     if args.out is not None and not Path(args.out).parent.is_dir():
         raise ConfigError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
-    model = trained_model(args.weights, config).to(device)
-    classes = read_classes(args.weights) or numbered_classes(config.model.num_classes)
+    model, classes = predict_model(args.weights, config, device)
     if len(classes) != config.model.num_classes:
         raise CheckpointError(f"{args.weights} names {len(classes)} classes; the model has {config.model.num_classes}")
     if args.top_k > len(classes):

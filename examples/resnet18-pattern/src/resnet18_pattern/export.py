@@ -85,7 +85,7 @@ def _writer(model: nn.Module, fmt: str, example: torch.Tensor, classes: str) -> 
         def write(path: Path) -> None:
             torch.export.save(program, path, extra_files={CLASSES_FILE: classes})
 
-        return write, (lambda path: torch.export.load(path).module()(example))
+        return write, (lambda path: load_export(path, "pt2")(example))
     if fmt == "torchscript":
         return _torchscript_writer(model, example, classes)
     return _onnx_writer(model, example, {0: batch}, classes)
@@ -127,22 +127,42 @@ def _torchscript_writer(model: nn.Module, example: torch.Tensor, classes: str) -
     return write, run
 
 
-def _onnx_writer(model: nn.Module, example: torch.Tensor, dims: dict, classes: str) -> tuple[Callable, Callable]:
+def load_export(path: str | Path, fmt: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A pt2 or onnx file (`fmt`, else by its suffix) as a function of a CPU batch: logits, as eager gives them."""
+    path = Path(path)
+    fmt = fmt or path.suffix.lstrip(".")
+    if fmt == "pt2":
+        return torch.export.load(path).module()
+    if fmt != "onnx":
+        raise ExportError(f"{path}: an export to run is a .pt2 or .onnx file")
+    _onnx_packages()
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda inputs: torch.from_numpy(session.run(None, {name: inputs.numpy()})[0])
+
+
+def _onnx_packages() -> None:
     try:
-        import onnx
-        import onnxruntime
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401 - torch.onnx's exporter needs it
     except ImportError:
         raise ExportError(
             "ONNX export needs onnx, onnxscript and onnxruntime: install the project's onnx extra "
             "(pip install -e '.[onnx]') or pip install onnx onnxscript onnxruntime"
         ) from None
+
+
+def _onnx_writer(model: nn.Module, example: torch.Tensor, dims: dict, classes: str) -> tuple[Callable, Callable]:
+    _onnx_packages()
+    import onnx
+
     program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=(dims,), verbose=False)
 
     def run(path: Path) -> torch.Tensor:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        (result,) = session.run(None, {session.get_inputs()[0].name: example.numpy()})
-        return torch.from_numpy(result)
+        return load_export(path, "onnx")(example)
 
     def write(path: Path) -> None:
         program.save(str(path))

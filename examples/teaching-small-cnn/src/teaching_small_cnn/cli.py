@@ -82,24 +82,35 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     add_train_command(commands)
 
-    ev = commands.add_parser("evaluate", help="loss and accuracy of saved weights")
-    ev.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt")
-    ev.add_argument("--data", default=DEFAULT_DATA)
-    ev.add_argument("--device")
-    ev.add_argument("--out", help="folder to write per_class.csv and confusion.csv into")
-
-    pr = commands.add_parser("predict", help="classify image files or folders with saved weights")
-    pr.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt; class names come with it")
-    pr.add_argument("paths", nargs="+", metavar="PATH", help="an image file, or a folder searched recursively")
-    pr.add_argument("--top-k", type=at_least_one, default=1, help="the K most probable classes of each image")
-    pr.add_argument("--out", help="write a CSV (path,rank,label,probability) instead of the table")
-    pr.add_argument("--batch-size", type=at_least_one, help="images per batch (default: train.batch_size)")
-    pr.add_argument("--device")
+    add_inference_commands(commands)
 
     traps = commands.add_parser("traps", help="run each blog habit beside this project's code and measure both")
     traps.add_argument("--json", action="store_true", help="print a JSON list of {trap, measure, naive, ours, unit}")
     traps.add_argument("--only", choices=list(TRAPS), help="run one trap")
     return parser
+
+
+def add_inference_commands(commands: argparse._SubParsersAction) -> None:
+    """evaluate and predict: what saved weights do."""
+    ev = commands.add_parser("evaluate", help="loss and accuracy of saved weights")
+    source = ev.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", help="best.pt, best.safetensors or last.ckpt")
+    source.add_argument("--run", help="a run folder: its best weights and, without --config, its config.toml")
+    ev.add_argument("--data", default=DEFAULT_DATA)
+    ev.add_argument("--device")
+    ev.add_argument("--out", help="folder to write per_class.csv and confusion.csv into")
+
+    pr = commands.add_parser("predict", help="classify image files or folders with saved weights")
+    pr.add_argument(
+        "--weights",
+        required=True,
+        help="best.pt, best.safetensors or last.ckpt; class names come with it",
+    )
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="an image file, or a folder searched recursively")
+    pr.add_argument("--top-k", type=at_least_one, default=1, help="the K most probable classes of each image")
+    pr.add_argument("--out", help="write a CSV (path,rank,label,probability) instead of the table")
+    pr.add_argument("--batch-size", type=at_least_one, help="images per batch (default: train.batch_size)")
+    pr.add_argument("--device")
 
 
 def add_train_command(commands: argparse._SubParsersAction) -> None:
@@ -234,10 +245,22 @@ def check_run_config(weights: str, config: Config) -> None:
             )
 
 
+def run_weights(run: Path) -> Path:
+    """The weights `evaluate --run` reads: the best file, else the last checkpoint."""
+    for name in ("best.safetensors", "best.pt", "last.ckpt"):
+        if (run / name).is_file():
+            return run / name
+    raise ConfigError(f"--run {run}: no best.safetensors, best.pt or last.ckpt there")
+
+
 def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
     device = pick_device(args.device)
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out} is a file; evaluate writes a folder of reports")
+    if args.run is not None:
+        args.weights = str(run_weights(Path(args.run)))
+        if args.config is None:
+            config = load_config(Path(args.run) / "config.toml", args.set)
     model = trained_model(args.weights, config)
     # A one-folder dataset validates on the split the weights were trained with.
     _, val_set = make_datasets(args.data, config, saved_split(Path(args.weights).parent, args.data))
@@ -266,7 +289,7 @@ def cmd_predict(args: argparse.Namespace, config: Config) -> int:
     device = pick_device(args.device)
     if args.out is not None and not Path(args.out).parent.is_dir():
         raise ConfigError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
-    model = trained_model(args.weights, config).to(device)
+    model = trained_model(args.weights, config).to(device).eval()
     classes = read_classes(args.weights) or numbered_classes(config.model.num_classes)
     if len(classes) != config.model.num_classes:
         raise CheckpointError(f"{args.weights} names {len(classes)} classes; the model has {config.model.num_classes}")

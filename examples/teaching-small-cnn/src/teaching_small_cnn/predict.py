@@ -8,10 +8,10 @@ broken file must not cost the other ten thousand answers.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .data import DataError, image_transforms, load_rgb
@@ -81,7 +81,7 @@ def collate(items: list[tuple[torch.Tensor | str, int]]) -> tuple[torch.Tensor |
 
 @torch.no_grad()
 def predict(
-    model: nn.Module,
+    model: Callable[[torch.Tensor], torch.Tensor],
     files: list[Path],
     classes: list[str],
     image_size: int,
@@ -90,9 +90,11 @@ def predict(
     device: torch.device,
     workers: int = 0,
 ) -> tuple[list[dict], list[str]]:
-    """The top_k (label, probability) rows of every image, and a line for each one skipped."""
+    """The top_k (label, probability) rows of every image, and a line for each one skipped.
+
+    `model` is a model in eval mode.
+    """
     loader = DataLoader(ImageFiles(files, image_size), batch_size=batch_size, collate_fn=collate, num_workers=workers)
-    model.eval()
     rows: list[dict] = []
     skipped: list[str] = []
     for inputs, indices, bad in loader:
