@@ -29,6 +29,7 @@ from .distributed import pick_device, stop
 from .evaluation import confusion_matrix, finite_or_null, report, write_report
 from .export import FORMATS, ExportError, export, export_classes, load_export
 from .freeze import FreezeSpecError
+from .integrity import IntegrityError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
 from .model import PretrainedWeightsError, build_model
 from .plot import PlotError, plot_confusion, plot_run
@@ -47,6 +48,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     PlotError,
     FreezeSpecError,
     DivergedError,
+    IntegrityError,
     PretrainedWeightsError,
 )
 

@@ -56,6 +56,7 @@ from .freeze import (
     unfreeze_stage,
 )
 from .grad_checkpointing import checkpoint_blocks
+from .integrity import Integrity, check_optimizer
 from .layers import freeze_summary
 from .model import HEAD, build_model
 from .optim import (
@@ -330,6 +331,7 @@ class Run:
     cache: tuple[CachedBatches, CachedBatches] | None = None
     trackers: Trackers | None = None
     lock: IO[str] | None = None
+    integrity: Integrity | None = None
     saved: int | None = None  # the last epoch whose files are all written
     checkpoint: dict[str, Any] | None = None
     resumed_from: Path | None = None
@@ -376,6 +378,7 @@ def fit(
                 row = run_epoch(run, epoch)
             except DivergedError as err:
                 raise DivergedError(f"epoch {epoch}, {err}") from None
+            run.integrity.check(run.model, run.optimizer, f"epoch {epoch}")
             record(run, row)
             save(run, row)
             if run.trackers is not None:
@@ -544,6 +547,12 @@ def open_run(run: Run, asked: Asked) -> None:
     build_training(run, run.checkpoint)
     if run.checkpoint is not None:
         restore(run, run.checkpoint, run.resumed_from)
+    run.integrity = Integrity(run.model)
+    if run.checkpoint is not None:
+        where = f"--resume {run.resumed_from}"
+        if "integrity" in run.checkpoint:  # absent from checkpoints written before the check existed
+            run.integrity.check_saved(run.checkpoint["integrity"], where)
+        check_optimizer(run.model, run.optimizer, where)
     if run.world.main:
         write_record(run)
     # Built after the freeze (and the stages a resume put back): DDP
@@ -644,6 +653,7 @@ def begin_stages(run: Run, epoch: int) -> None:
         new = param_groups(run.model, run.config, names, label, stage.lr_mult, epoch, stage.warmup_epochs)
         add_groups(run.model, run.optimizer, run.scheduler, new, run.config, run.epochs)
         run.groups = run.groups + new
+        run.integrity.take(run.model)  # the fixed set is smaller now
         run.net = make_net(run.model, run.world, run.device, run.config)
         if run.world.main:
             write_json(run.out / "freeze_manifest.json", manifest(run.model, run.state, run.groups))
@@ -738,6 +748,7 @@ def save(run: Run, row: dict[str, float]) -> None:
         "best_value": run.best_value,
         "history": run.history,
         "freeze_manifest": manifest(run.model, run.state, run.groups),
+        "integrity": run.integrity.recorded(),
         "config": run.config.to_dict(),
         "classes": run.classes,
     }

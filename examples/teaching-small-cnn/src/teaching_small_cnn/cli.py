@@ -26,6 +26,7 @@ from .data import (
 )
 from .evaluation import confusion_matrix, finite_or_null, report, write_report
 from .freeze import FreezeSpecError
+from .integrity import IntegrityError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
 from .model import build_model
 from .predict import format_rows, image_files, predict, predict_workers, write_predictions
@@ -42,6 +43,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     CheckpointError,
     FreezeSpecError,
     DivergedError,
+    IntegrityError,
 )
 
 

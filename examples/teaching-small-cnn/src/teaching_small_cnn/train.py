@@ -50,6 +50,7 @@ from .freeze import (
     state_from_manifest,
     unfreeze_stage,
 )
+from .integrity import Integrity, check_optimizer
 from .layers import freeze_summary
 from .model import build_model
 from .optim import (
@@ -249,6 +250,7 @@ class Run:
     train_loader: DataLoader | None = None
     val_loader: DataLoader | None = None
     lock: IO[str] | None = None
+    integrity: Integrity | None = None
     saved: int | None = None  # the last epoch whose files are all written
     checkpoint: dict[str, Any] | None = None
     resumed_from: Path | None = None
@@ -293,6 +295,7 @@ def fit(
                 row = run_epoch(run, epoch)
             except DivergedError as err:
                 raise DivergedError(f"epoch {epoch}, {err}") from None
+            run.integrity.check(run.model, run.optimizer, f"epoch {epoch}")
             record(run, row)
             save(run, row)
             if stop_after is not None and ran >= stop_after:
@@ -431,6 +434,12 @@ def open_run(run: Run, asked: Asked) -> None:
     build_training(run, run.checkpoint)
     if run.checkpoint is not None:
         restore(run, run.checkpoint, run.resumed_from)
+    run.integrity = Integrity(run.model)
+    if run.checkpoint is not None:
+        where = f"--resume {run.resumed_from}"
+        if "integrity" in run.checkpoint:  # absent from checkpoints written before the check existed
+            run.integrity.check_saved(run.checkpoint["integrity"], where)
+        check_optimizer(run.model, run.optimizer, where)
     write_record(run)
     # Built after the freeze (and the stages a resume put back).
     run.net = run.model
@@ -498,6 +507,7 @@ def begin_stages(run: Run, epoch: int) -> None:
         new = param_groups(run.model, run.config, names, label, stage.lr_mult, epoch, stage.warmup_epochs)
         add_groups(run.model, run.optimizer, run.scheduler, new, run.config, run.epochs)
         run.groups = run.groups + new
+        run.integrity.take(run.model)  # the fixed set is smaller now
         write_json(run.out / "freeze_manifest.json", manifest(run.model, run.state, run.groups))
         print(stage_line(run.model, epoch, stage, names, new))
 
@@ -566,6 +576,7 @@ def save(run: Run, row: dict[str, float]) -> None:
         "best_value": run.best_value,
         "history": run.history,
         "freeze_manifest": manifest(run.model, run.state, run.groups),
+        "integrity": run.integrity.recorded(),
         "config": run.config.to_dict(),
         "classes": run.classes,
     }
