@@ -368,6 +368,7 @@ def fit(
     """
     asked = Asked(out, data, epochs, init, resume, overrides, device, freeze_from, overwrite)
     run = start_run(config, asked)
+    finished = False
     try:
         open_run(run, asked)
         for ran, epoch in enumerate(range(run.first, run.epochs), 1):
@@ -383,14 +384,22 @@ def fit(
                 run.trackers.sync(run.history)
             if stop_after is not None and ran >= stop_after:
                 break
+        finished = True
     except KeyboardInterrupt:
         raise Stopped(stopped_line(run)) from None
     finally:
+        end_run(run, finished)
+    return run.history
+
+
+def end_run(run: Run, finished: bool) -> None:
+    """Close the trackers, then release the folder's lock, whatever stopped the run."""
+    try:
         if run.trackers is not None:
-            run.trackers.close(best_files(run), failed=sys.exc_info()[0] is not None)
+            run.trackers.close(best_files(run), failed=not finished)
+    finally:
         if run.lock is not None:
             run.lock.close()
-    return run.history
 
 
 def stopped_line(run: Run) -> str:

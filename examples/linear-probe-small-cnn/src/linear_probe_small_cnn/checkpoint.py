@@ -33,6 +33,9 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 NESTED_KEYS = ("state_dict", "model", "model_state", "module")
 PREFIXES = ("module.", "_orig_mod.")
 MANIFEST = "checkpoints.json"
+# What a plain legacy state_dict pickle imports, all of which weights_only loads.
+WEIGHTS_ONLY_GLOBALS = ("torch._utils._rebuild_", "torch.FloatStorage", "torch.LongStorage", "torch.HalfStorage")
+WEIGHTS_ONLY_GLOBALS += ("torch.BFloat16Storage", "torch.DoubleStorage", "torch.IntStorage", "collections.OrderedDict")
 
 
 class CheckpointError(RuntimeError):
@@ -49,7 +52,11 @@ def atomic_path(path: Path, before_replace: Callable[[Path], None] | None = None
     `before_replace` sees the complete temp file just before the rename.
     """
     path = Path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        _raise_if_full(err, path)
+        raise
     os.close(fd)
     tmp = Path(name)
     try:
@@ -66,11 +73,7 @@ def atomic_path(path: Path, before_replace: Callable[[Path], None] | None = None
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CheckpointError(
-                f"could not write {path}: {err.strerror}; the file it would replace, "
-                "and every earlier file of the run, are intact"
-            ) from None
+        _raise_if_full(err, path)
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -81,6 +84,14 @@ def atomic_path(path: Path, before_replace: Callable[[Path], None] | None = None
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _raise_if_full(err: OSError, path: Path) -> None:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise CheckpointError(
+            f"could not write {path}: {err.strerror}; the file it would replace, "
+            "and every earlier file of the run, are intact"
+        ) from None
 
 
 def atomic_write(
@@ -135,7 +146,8 @@ class RunFiles:
                 files = None
             # Each entry is read for its hash before any file is trusted.
             if not isinstance(files, dict) or not all(
-                isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in files.values()
+                isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("size"), int)
+                for e in files.values()
             ):
                 raise CheckpointError(
                     f"{self.path} is damaged: expected a table of files, each with its sha256, as a run writes it; "
@@ -194,10 +206,15 @@ class RunFiles:
 
 
 def verify_in_run(path: str | Path) -> None:
-    """A file in a run folder must match the folder's checkpoints.json: changed since the run wrote it is refused."""
+    """A file the run folder's checkpoints.json lists must match it: changed since the run wrote it is refused.
+
+    A file it does not list (one the user put there) is the user's own: not checked.
+    """
     path = Path(path)
     if (path.parent / MANIFEST).is_file():
-        RunFiles(path.parent).verify(path.name)
+        files = RunFiles(path.parent)
+        if path.name in files.files:
+            files.verify(path.name)
 
 
 def torch_load(path: str | Path) -> Any:
@@ -251,14 +268,14 @@ def _unsafe_globals(path: Path) -> list[str]:
     # GLOBAL opcodes name what they would import.
     found: list[str] = []
     with contextlib.suppress(Exception), open(path, "rb") as f:
-        while f.tell() < path.stat().st_size:
+        for _pickle in range(5):  # magic number, protocol, system info, the object, storage keys; then raw bytes
             strings: list[str] = []
             for opcode, arg, _ in pickletools.genops(f):
                 strings += [arg] if isinstance(arg, str) else []
                 name = str(arg).replace(" ", ".") if opcode.name == "GLOBAL" else None
                 if opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
                     name = ".".join(strings[-2:])
-                if name and not name.startswith(("torch.", "collections.OrderedDict")):
+                if name and not name.startswith(WEIGHTS_ONLY_GLOBALS):
                     found.append(name)
     return found
 

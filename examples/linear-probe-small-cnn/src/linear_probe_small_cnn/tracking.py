@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,31 +81,53 @@ class TensorBoard(Tracker):
 
 
 class Trackers:
-    """The trackers of one run folder, and the last epoch each one holds."""
+    """The trackers of one run folder, and the last epoch each one holds.
 
-    def __init__(self, out: Path, items: list[Tracker], logged: dict[str, int]) -> None:
-        self.out, self.items, self.logged = out, items, logged
+    A tracker that fails (its server unreachable, its disk full) is dropped
+    for the rest of this invocation with one warning: training goes on, and
+    RUN/trackers.json keeps the last epoch it holds, so the epochs it missed
+    reach it at the next resume.
+    """
+
+    def __init__(self, out: Path, saved: dict[str, Any]) -> None:
+        self.out, self.record = out, dict(saved)
+        self.items: list[Tracker] = []
+        self.logged: dict[str, int] = {}
+
+    def guarded(self, what: str, action: Callable[[Tracker], None]) -> None:
+        """`action` on each tracker; one that raises is reported and dropped, never the run."""
+        for tracker in list(self.items):
+            try:
+                action(tracker)
+            except Exception as err:  # noqa: BLE001 - whatever a tracker's library raises
+                self.items.remove(tracker)
+                print(
+                    f"warning: {tracker.name} failed to {what} ({type(err).__name__}: {err}); "
+                    "it is off for this run, and a resume catches it up",
+                    file=sys.stderr,
+                )
 
     def sync(self, history: list[dict[str, float]]) -> None:
         """Every saved epoch a tracker does not hold yet, then the record of what each one holds."""
-        for tracker in self.items:
+
+        def log(tracker: Tracker) -> None:
             for row in history:
                 if row["epoch"] > self.logged[tracker.name]:
                     tracker.row(row)
                     self.logged[tracker.name] = int(row["epoch"])
-        record = {t.name: {"run_id": t.run_id, "logged": self.logged[t.name]} for t in self.items}
-        atomic_write(self.out / TRACKERS, lambda f: f.write(json.dumps(record, indent=2).encode()))
+                    self.record[tracker.name]["logged"] = self.logged[tracker.name]
+
+        self.guarded("log an epoch", log)
+        atomic_write(self.out / TRACKERS, lambda f: f.write(json.dumps(self.record, indent=2).encode()))
 
     def file(self, path: Path) -> None:
-        for tracker in self.items:
-            tracker.file(path)
+        self.guarded(f"store {path.name}", lambda tracker: tracker.file(path))
 
     def close(self, files: list[Path], failed: bool) -> None:
         """`files` (the best weights) once, at the end: a copy per improvement would double a run's disk."""
-        for tracker in self.items:
-            for path in files:
-                tracker.file(path)
-            tracker.close(failed)
+        for path in files:
+            self.file(path)
+        self.guarded("finish", lambda tracker: tracker.close(failed))
 
 
 def open_trackers(
@@ -118,37 +142,51 @@ def open_trackers(
     if not names:
         return None
     path = out / TRACKERS
-    saved = json.loads(path.read_text()) if path.exists() else {}
+    trackers = Trackers(out, json.loads(path.read_text()) if path.exists() else {})
     first = int(history[-1]["epoch"]) + 1 if history else 0
-    items, logged = [], {}
     for name in names:
-        before = continued(name, saved.get(name), first)
+        where = destination(name, out, config)
+        before = continued(name, trackers.record.get(name), first, where)
         run_id = before["run_id"] if before is not None else None
-        logged[name] = before["logged"] if before is not None else -1
-        tracker = make(name, out, config, run_id, logged[name] + 1)
-        if run_id is None:
-            tracker.params(params)
+        logged = before["logged"] if before is not None else -1
+        try:
+            tracker = make(name, out, config, run_id, logged + 1)
+            if run_id is None:
+                tracker.params(params)
+        except Exception as err:  # noqa: BLE001 - a tracker never stops a run
+            print(f"warning: {name} did not start ({type(err).__name__}: {err}); training goes on without it")
+            continue
         if tracker.run_id:
             print(f"{name}: {'continues' if run_id else 'new'} run {tracker.run_id}")
-        items.append(tracker)
-    trackers = Trackers(out, items, logged)
+        trackers.items.append(tracker)
+        trackers.logged[name] = logged
+        trackers.record[name] = {"run_id": tracker.run_id, "logged": logged, "where": where}
     trackers.file(out / "freeze_manifest.json")
     trackers.sync(history)
     return trackers
 
 
-def continued(name: str, before: dict[str, Any] | None, first: int) -> dict[str, Any] | None:
+def continued(name: str, before: dict[str, Any] | None, first: int, where: str) -> dict[str, Any] | None:
     """The saved record of a tracker run this run can go on with, or None for a new run.
 
-    A tracker run that holds epochs from `first` on (a resume from an older
-    checkpoint than its last) would log those epochs twice.
+    A tracker run elsewhere now (another store, project or mode), or one that
+    holds epochs from `first` on (a resume from an older checkpoint than its
+    last), cannot hold this history once: a new run gets all of it.
     """
+    if before is not None and before.get("where", where) != where:
+        print(f"{name}: now {where}, not {before['where']}; a new run gets the whole history")
+        return None
     if before is None or before["logged"] < first:
         return before
     if name == "tensorboard":  # purge_step drops its events from `first` on
         return {"run_id": "", "logged": first - 1}
     print(f"{name}: run {before['run_id']} holds epochs past {first - 1}; this resume logs to a new run")
     return None
+
+
+def destination(name: str, out: Path, config: Config) -> str:
+    """Where a tracker's run lives: a change of it on resume means a new run."""
+    return str(out / name)
 
 
 def make(name: str, out: Path, config: Config, run_id: str | None, first: int) -> Tracker:

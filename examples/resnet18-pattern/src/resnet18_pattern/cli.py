@@ -316,14 +316,26 @@ def cmd_plot(args: argparse.Namespace, config: Config) -> int:
 def predict_model(weights: str, config: Config, device: torch.device) -> tuple[Callable, list[str]]:
     """The model predict runs, and its class names: trained weights, or a .pt2 or .onnx export."""
     if Path(weights).suffix not in (".pt2", ".onnx"):
-        model = trained_model(weights, config).to(device).eval()
-        return model, read_classes(weights) or numbered_classes(config.model.num_classes)
+        return trained_model(weights, config).to(device).eval(), weights_classes(weights, config)
     if device.type != "cpu":
         raise ConfigError(f"--device {device}: an export runs on the CPU, where export checked it")
     check_run_config(weights, config)  # its input size is fixed: the config must be the one it was trained with
     if not Path(weights).is_file():
         raise CheckpointError(f"{weights}: no such file")
-    return load_export(weights), export_classes(weights)
+    try:
+        return load_export(weights), export_classes(weights)
+    except ExportError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch.export and onnxruntime raise many types for a bad file
+        raise CheckpointError(f"{weights} is not an export this project can run: {type(err).__name__}: {err}") from None
+
+
+def weights_classes(weights: str, config: Config) -> list[str]:
+    """The class names a weights file carries (or class_0, ...), as many as the model has outputs."""
+    classes = read_classes(weights) or numbered_classes(config.model.num_classes)
+    if len(classes) != config.model.num_classes:
+        raise CheckpointError(f"{weights} names {len(classes)} classes; the model has {config.model.num_classes}")
+    return classes
 
 
 def cmd_predict(args: argparse.Namespace, config: Config) -> int:
@@ -331,8 +343,6 @@ def cmd_predict(args: argparse.Namespace, config: Config) -> int:
     if args.out is not None and not Path(args.out).parent.is_dir():
         raise ConfigError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
     model, classes = predict_model(args.weights, config, device)
-    if len(classes) != config.model.num_classes:
-        raise CheckpointError(f"{args.weights} names {len(classes)} classes; the model has {config.model.num_classes}")
     if args.top_k > len(classes):
         raise ConfigError(f"--top-k {args.top_k}: the model has {len(classes)} classes")
     files = image_files(args.paths)

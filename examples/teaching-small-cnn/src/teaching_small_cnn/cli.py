@@ -287,14 +287,19 @@ def cmd_traps(args: argparse.Namespace, config: Config) -> int:
     return 0 if all(row.shown for row in rows) else 1
 
 
+def weights_classes(weights: str, config: Config) -> list[str]:
+    """The class names a weights file carries (or class_0, ...), as many as the model has outputs."""
+    classes = read_classes(weights) or numbered_classes(config.model.num_classes)
+    if len(classes) != config.model.num_classes:
+        raise CheckpointError(f"{weights} names {len(classes)} classes; the model has {config.model.num_classes}")
+    return classes
+
+
 def cmd_predict(args: argparse.Namespace, config: Config) -> int:
     device = pick_device(args.device)
     if args.out is not None and not Path(args.out).parent.is_dir():
         raise ConfigError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
-    model = trained_model(args.weights, config).to(device).eval()
-    classes = read_classes(args.weights) or numbered_classes(config.model.num_classes)
-    if len(classes) != config.model.num_classes:
-        raise CheckpointError(f"{args.weights} names {len(classes)} classes; the model has {config.model.num_classes}")
+    model, classes = trained_model(args.weights, config).to(device).eval(), weights_classes(args.weights, config)
     if args.top_k > len(classes):
         raise ConfigError(f"--top-k {args.top_k}: the model has {len(classes)} classes")
     files = image_files(args.paths)

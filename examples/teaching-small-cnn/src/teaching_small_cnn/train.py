@@ -287,6 +287,7 @@ def fit(
     """
     asked = Asked(out, data, epochs, init, resume, overrides, device, freeze_from, overwrite)
     run = start_run(config, asked)
+    finished = False
     try:
         open_run(run, asked)
         for ran, epoch in enumerate(range(run.first, run.epochs), 1):
@@ -300,12 +301,18 @@ def fit(
             save(run, row)
             if stop_after is not None and ran >= stop_after:
                 break
+        finished = True
     except KeyboardInterrupt:
         raise Stopped(stopped_line(run)) from None
     finally:
-        if run.lock is not None:
-            run.lock.close()
+        end_run(run, finished)
     return run.history
+
+
+def end_run(run: Run, finished: bool) -> None:
+    """release the folder's lock, whatever stopped the run."""
+    if run.lock is not None:
+        run.lock.close()
 
 
 def stopped_line(run: Run) -> str:
