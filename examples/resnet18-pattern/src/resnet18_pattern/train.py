@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
@@ -39,7 +39,7 @@ from .checkpoint import (
     torch_bytes,
     torch_load,
 )
-from .config import Config, ConfigError, TrainConfig, apply_overrides, check, from_dict, load_config
+from .config import Config, ConfigError, LogConfig, TrainConfig, apply_overrides, check, from_dict, load_config
 from .data import DEFAULT_DATA, class_names, make_datasets, saved_split
 from .distributed import SINGLE, World, all_sum, check_in_sync, gather, on_main, start, sync_buffers, wrap
 from .features import CachedBatches, build_cache, cache_decision, cache_risks
@@ -57,7 +57,7 @@ from .freeze import (
 )
 from .grad_checkpointing import checkpoint_blocks
 from .integrity import Integrity, check_optimizer
-from .layers import freeze_summary
+from .layers import freeze_summary, parameter_count
 from .model import HEAD, build_model
 from .optim import (
     add_groups,
@@ -440,7 +440,7 @@ def check_config(config: Config, world: World, device: torch.device) -> None:
 FREE_ON_RESUME = (
     "train.num_workers",
     "checkpoint.keep_last_k",
-    "log.tensorboard",
+    *(f"log.{key.name}" for key in fields(LogConfig)),  # which trackers log, and where
 )
 
 
@@ -577,8 +577,7 @@ def open_run(run: Run, asked: Asked) -> None:
 def start_trackers(run: Run) -> None:
     """The trackers turned on in [log], told the config, the freeze counts and the manifest."""
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in run.model.parameters()) - trainable
-    counts = {"trainable_params": trainable, "frozen_params": frozen}
+    counts = {"trainable_params": trainable, "frozen_params": parameter_count(run.model) - trainable}
     run.trackers = open_trackers(run.out, run.config, run.history, flat_params(run.config, counts))
 
 
