@@ -56,7 +56,7 @@ def load_project(project: Path) -> dict:
     """The rendered project's modules, imported from its src/ folder."""
     sys.path.insert(0, str(project / "src"))
     package = next(p.name for p in (project / "src").iterdir() if (p / "train.py").is_file())
-    return {m: importlib.import_module(f"{package}.{m}") for m in ("train", "optim", "config", "data", "model")}
+    return {m: importlib.import_module(f"{package}.{m}") for m in ("train", "run", "optim", "config", "data", "model")}
 
 
 def measure(project: Path, model_name: str, variant: str, size: int, batch: int, steps: int) -> dict:
@@ -70,13 +70,13 @@ def measure(project: Path, model_name: str, variant: str, size: int, batch: int,
     config = config_mod.load_config()
     config.model.pretrained = False
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp = train.amp_dtype(config.train, dev)
+    amp = modules["run"].amp_dtype(config.train, dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
     if variant == "a":
-        model, _ = train.prepare_model(config)
+        model, _ = modules["run"].prepare_model(config)
     else:
         model = model_mod.build_model(config)
-    channels_last = train.use_channels_last(config.train.channels_last, model, dev)
+    channels_last = modules["run"].use_channels_last(config.train.channels_last, model, dev)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model.to(dev, memory_format=layout)
     torch.manual_seed(0)

@@ -77,7 +77,7 @@ def main() -> None:
     project = render(root / "project", {"project_name": "bench_images", "backbone": "resnet18"}, src=ROOT)
     sys.path.insert(0, str(project / "src"))
     data = importlib.import_module("bench_images.data")
-    train = importlib.import_module("bench_images.train")
+    run = importlib.import_module("bench_images.run")
     import torch
 
     folder = root / "images"
@@ -87,7 +87,7 @@ def main() -> None:
     transform = data.image_transforms(args.size, augment=True)[0]
     # The research render takes the process group too: one process here.
     world = importlib.import_module("bench_images.distributed").SINGLE
-    workers = train.loader_workers("auto", str(folder), world)
+    workers = run.loader_workers("auto", str(folder), world)
     seconds: dict[str, list[float]] = {"a": [], "b": [], "c": []}
     for _ in range(args.rounds):
         started = time.perf_counter()

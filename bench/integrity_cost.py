@@ -54,7 +54,7 @@ def main() -> None:
     config.model.pretrained = False
     config.train.image_size = args.size
     config.data.synthetic_train_size, config.data.synthetic_val_size = args.images, 32
-    model, _ = train.prepare_model(config)
+    model, _ = importlib.import_module("bench_integrity.run").prepare_model(config)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     optimizer = optim.make_optimizer(model, config, optim.param_groups(model, config, trainable, "trainable"))
     guard = integrity.Integrity(model)

@@ -140,7 +140,7 @@ def run_depth(project: Path, args, depth: int) -> dict:
     config.unfreeze.stages = []
     train = modules["train"]
     torch.manual_seed(0)
-    model, _ = train.prepare_model(config)
+    model, _ = modules["run"].prepare_model(config)
     optimizer = modules["optim"].make_optimizer(model, config)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     images = torch.randn(args.batch, 3, args.size, args.size)

@@ -100,7 +100,7 @@ def test_timm_defaults_resolve_on_every_family(tmp_path, timm_model):
         project = render(tmp_path / package, answers, src=ROOT)
         assert f'HEAD = "{head}"' in (project / "src" / package / "model.py").read_text()
         config = tiny_config(project, package)
-        prepared, state = import_rendered(project, package, "train").prepare_model(config)
+        prepared, state = import_rendered(project, package, "run").prepare_model(config)
         assert state.frozen and any(p.requires_grad for p in prepared.get_submodule(head).parameters())
 
 
@@ -131,7 +131,7 @@ def test_every_selector_a_render_shows_resolves_on_its_model(tmp_path, backbone)
     answers = {"project_name": package, "backbone": backbone, **EXTRA_ANSWERS.get(backbone, {})}
     project = render(tmp_path / package, answers, src=ROOT)
     config = tiny_config(project, package)
-    train, freeze = import_rendered(project, package, "train"), import_rendered(project, package, "freeze")
+    run, freeze = import_rendered(project, package, "run"), import_rendered(project, package, "freeze")
     model = import_rendered(project, package, "model").build_model(config)
     shown = shown_selectors(project)
     assert shown["spec"] and shown["select"] and shown["lr_mult"], shown
@@ -140,7 +140,7 @@ def test_every_selector_a_render_shows_resolves_on_its_model(tmp_path, backbone)
     for key, section in (("bn_modes", "freeze"), ("lr_mult", "train")):
         for inline in shown[key]:
             setattr(getattr(config, section), key, inline)
-            train.prepare_model(config)
+            run.prepare_model(config)
         setattr(getattr(config, section), key, {})
 
 

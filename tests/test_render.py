@@ -42,7 +42,7 @@ def expected_files(row: dict, package: str) -> set[str]:
     src = f"src/{package}"
     modules = {"__init__", "__main__", "batchnorm", "checkpoint", "cli", "config", "data", "evaluation", "freeze"}
     modules |= {"integrity", "layers"}
-    modules |= {"model", "optim", "rng", "runfolder", "train", "weights"}
+    modules |= {"model", "optim", "rng", "run", "runfolder", "saving", "train", "weights"}
     tests = {"conftest", "test_batchnorm", "test_checkpoint", "test_config", "test_cuda", "test_fast", "test_feedback"}
     tests |= {"test_freeze", "test_integrity", "test_optim", "test_runfolder", "test_stages", "test_train"}
     tests.add("test_model")
@@ -125,12 +125,14 @@ def test_options_not_chosen_leave_no_code(renders):
     for row, project in renders.values():
         formats = row["checkpoint_formats"]
         src = project / "src/finetune_demo"
-        train = (src / "train.py").read_text()
+        saving = (src / "saving.py").read_text()
         checkpoint = (src / "checkpoint.py").read_text()
         config = (src / "config.toml").read_text()
-        assert ("safetensors_bytes" in train) == ("safetensors" in formats) == ("def safetensors_bytes" in checkpoint)
-        assert ('"best.pt"' in train) == ("state_dict" in formats)
-        assert ("last.ckpt" in train) == ("full" in formats) == ("def find_resumable" in checkpoint)
+        assert ("safetensors_bytes" in saving) == ("safetensors" in formats) == ("def safetensors_bytes" in checkpoint)
+        assert ('"best.pt"' in saving) == ("state_dict" in formats)
+        assert ("last.ckpt" in saving) == ("full" in formats) == ("def find_resumable" in checkpoint)
+        for name in ("train.py", "run.py"):
+            assert ("last.ckpt" in (src / name).read_text()) <= ("full" in formats), f"{name} names last.ckpt"
         assert ("keep_last_k" in config) == ("full" in formats) == ("--resume" in (src / "cli.py").read_text())
         typed = (src / "config.py").read_text()
         assert ("monitor" in config) == bool({"state_dict", "safetensors"} & set(formats)) == ("monitor:" in typed)
@@ -148,7 +150,7 @@ def test_options_not_chosen_leave_no_code(renders):
 FEATURE_TRACES = {
     "distributed": [("src/finetune_demo/train.py", "world"), ("src/finetune_demo/config.toml", "sync_bn")],
     "feature_cache": [("src/finetune_demo/train.py", "cache"), ("src/finetune_demo/config.toml", "cache_features")],
-    "compile": [("src/finetune_demo/train.py", "torch.compile"), ("src/finetune_demo/config.toml", "compile")],
+    "compile": [("src/finetune_demo/run.py", "torch.compile"), ("src/finetune_demo/config.toml", "compile")],
     "grad_checkpointing": [("src/finetune_demo/config.toml", "grad_checkpointing"), ("README.md", "checkpointing")],
     "lr_shaping": [("src/finetune_demo/config.toml", "layer_decay"), ("src/finetune_demo/optim.py", "layer_decay")],
     "amp": [("src/finetune_demo/train.py", "autocast"), ("src/finetune_demo/config.toml", "amp_dtype")],

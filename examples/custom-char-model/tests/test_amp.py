@@ -11,7 +11,7 @@ from conftest import fitted, shrink
 from custom_char_model.config import ConfigError, load_config
 from custom_char_model.data import example_inputs
 from custom_char_model.optim import make_optimizer, optimizer_step
-from custom_char_model.train import amp_dtype, prepare_model, use_channels_last
+from custom_char_model.run import amp_dtype, prepare_model, use_channels_last
 
 
 def test_bf16_autocast_on_the_cpu_trains_and_keeps_frozen_tensors(tmp_path, config, monkeypatch):

@@ -12,7 +12,7 @@ from custom_char_model.batchnorm import (
     set_mode,
 )
 from custom_char_model.freeze import FreezeSpecError
-from custom_char_model.train import prepare_model
+from custom_char_model.run import prepare_model
 
 
 def toggle(model):

@@ -7,7 +7,7 @@ from conftest import linear_probe
 from custom_char_model.data import DEFAULT_DATA, example_inputs
 from custom_char_model.distributed import SINGLE
 from custom_char_model.model import HEAD
-from custom_char_model.train import loader_workers, prepare_model
+from custom_char_model.run import loader_workers, prepare_model
 
 
 def test_a_frozen_prefix_builds_no_autograd_graph(config):

@@ -10,7 +10,7 @@ from custom_char_model.config import ConfigError
 from custom_char_model.data import DEFAULT_DATA, make_datasets
 from custom_char_model.features import cache_decision
 from custom_char_model.model import HEAD
-from custom_char_model.train import prepare_model
+from custom_char_model.run import prepare_model
 
 
 def head_of(model):

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 from custom_char_model.data import DEFAULT_DATA, make_datasets
 from custom_char_model.distributed import World
 from custom_char_model.optim import make_optimizer
-from custom_char_model.train import fit, prepare_model, show_progress, train_one_epoch
+from custom_char_model.run import prepare_model
+from custom_char_model.train import fit, show_progress, train_one_epoch
 
 
 def test_the_freeze_summary_lists_children_and_the_trainable_share(tmp_path, config, capsys):

@@ -13,7 +13,7 @@ from custom_char_model.data import example_inputs
 from custom_char_model.freeze import FreezeSpecError, freeze, resolve
 from custom_char_model.model import HEAD, build_model
 from custom_char_model.optim import make_optimizer
-from custom_char_model.train import freeze_spec, prepare_model
+from custom_char_model.run import freeze_spec, prepare_model
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import torch
 from custom_char_model.data import example_inputs
 from custom_char_model.grad_checkpointing import checkpoint_blocks
 from custom_char_model.model import blocks_with_parameters, build_model
-from custom_char_model.train import prepare_model
+from custom_char_model.run import prepare_model
 
 
 def test_checkpointed_blocks_behind_a_frozen_prefix_get_their_gradients(config):

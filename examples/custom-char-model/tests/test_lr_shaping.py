@@ -10,7 +10,7 @@ from conftest import has_params
 from custom_char_model.freeze import FreezeSpecError
 from custom_char_model.model import BLOCK_CONTAINERS, HEAD, blocks_with_parameters, build_model
 from custom_char_model.optim import param_groups
-from custom_char_model.train import prepare_model
+from custom_char_model.run import prepare_model
 
 
 def test_lr_mult_selectors_last_match_wins(config):

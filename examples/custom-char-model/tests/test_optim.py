@@ -5,7 +5,7 @@ from __future__ import annotations
 from conftest import frozen_names
 
 from custom_char_model.optim import make_optimizer, trainable_names
-from custom_char_model.train import prepare_model
+from custom_char_model.run import prepare_model
 
 
 def groups_by_name(optimizer):

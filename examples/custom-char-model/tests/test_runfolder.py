@@ -15,7 +15,9 @@ from custom_char_model.checkpoint import CheckpointError, RunFiles, read_state_d
 from custom_char_model.cli import main
 from custom_char_model.config import load_config
 from custom_char_model.model import build_model
-from custom_char_model.train import DivergedError, fit, prepare_model
+from custom_char_model.run import prepare_model
+from custom_char_model.saving import DivergedError
+from custom_char_model.train import fit
 
 
 def files_of(folder):

@@ -13,7 +13,8 @@ from custom_char_model.checkpoint import read_state_dict
 from custom_char_model.cli import main
 from custom_char_model.evaluation import finite_or_null, report
 from custom_char_model.model import HEAD, build_model
-from custom_char_model.train import METRIC_COLUMNS, fit
+from custom_char_model.saving import METRIC_COLUMNS
+from custom_char_model.train import fit
 
 
 def save_init(path: Path, config: dict) -> dict[str, torch.Tensor]:

@@ -126,17 +126,17 @@ def linear_probe(config: Config, key: str) -> Config:
 
 def fitted(config: Config, tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch, **options):
     """fit(), and the model it trained."""
-    from linear_probe_small_cnn import train
+    from linear_probe_small_cnn import run, train
 
     models = []
-    real = train.prepare_model
+    real = run.prepare_model
 
     def keep(*args, **kwargs):
         model, state = real(*args, **kwargs)
         models.append(model)
         return model, state
 
-    monkeypatch.setattr(train, "prepare_model", keep)
+    monkeypatch.setattr(run, "prepare_model", keep)
     history = train.fit(config, tmp_path / name, device="cpu", **options)
     return models[0], history
 

@@ -11,7 +11,7 @@ from conftest import fitted, shrink
 from linear_probe_small_cnn.config import ConfigError, load_config
 from linear_probe_small_cnn.data import example_inputs
 from linear_probe_small_cnn.optim import make_optimizer, optimizer_step
-from linear_probe_small_cnn.train import amp_dtype, prepare_model, use_channels_last
+from linear_probe_small_cnn.run import amp_dtype, prepare_model, use_channels_last
 
 
 def test_bf16_autocast_on_the_cpu_trains_and_keeps_frozen_tensors(tmp_path, config, monkeypatch):

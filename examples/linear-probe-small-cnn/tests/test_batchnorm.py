@@ -21,7 +21,8 @@ from linear_probe_small_cnn.data import DEFAULT_DATA, example_inputs, make_datas
 from linear_probe_small_cnn.freeze import FreezeSpecError
 from linear_probe_small_cnn.model import build_model
 from linear_probe_small_cnn.optim import make_optimizer
-from linear_probe_small_cnn.train import prepare_model, train_one_epoch
+from linear_probe_small_cnn.run import prepare_model
+from linear_probe_small_cnn.train import train_one_epoch
 
 STATS = ("running_mean", "running_var", "num_batches_tracked")
 

@@ -7,7 +7,7 @@ from conftest import linear_probe
 from linear_probe_small_cnn.data import example_inputs
 from linear_probe_small_cnn.distributed import SINGLE, World
 from linear_probe_small_cnn.model import HEAD
-from linear_probe_small_cnn.train import loader_workers, prepare_model
+from linear_probe_small_cnn.run import loader_workers, prepare_model
 
 
 def test_a_frozen_prefix_builds_no_autograd_graph(config):

@@ -10,7 +10,7 @@ from linear_probe_small_cnn.config import ConfigError
 from linear_probe_small_cnn.data import DEFAULT_DATA, make_datasets
 from linear_probe_small_cnn.features import cache_decision
 from linear_probe_small_cnn.model import HEAD
-from linear_probe_small_cnn.train import prepare_model
+from linear_probe_small_cnn.run import prepare_model
 
 
 def head_of(model):

@@ -13,7 +13,7 @@ from linear_probe_small_cnn.data import example_inputs
 from linear_probe_small_cnn.freeze import FreezeSpecError, freeze, resolve
 from linear_probe_small_cnn.model import HEAD, build_model
 from linear_probe_small_cnn.optim import make_optimizer
-from linear_probe_small_cnn.train import freeze_spec, prepare_model
+from linear_probe_small_cnn.run import freeze_spec, prepare_model
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from conftest import has_params
 from linear_probe_small_cnn.freeze import FreezeSpecError
 from linear_probe_small_cnn.model import BLOCK_CONTAINERS, HEAD, blocks_with_parameters, build_model
 from linear_probe_small_cnn.optim import param_groups
-from linear_probe_small_cnn.train import prepare_model
+from linear_probe_small_cnn.run import prepare_model
 
 
 def test_lr_mult_selectors_last_match_wins(config):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from conftest import frozen_names
 
 from linear_probe_small_cnn.optim import make_optimizer, trainable_names
-from linear_probe_small_cnn.train import prepare_model
+from linear_probe_small_cnn.run import prepare_model
 
 
 def groups_by_name(optimizer):

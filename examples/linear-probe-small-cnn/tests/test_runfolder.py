@@ -16,7 +16,9 @@ from linear_probe_small_cnn.cli import main
 from linear_probe_small_cnn.config import load_config
 from linear_probe_small_cnn.freeze import FreezeSpecError
 from linear_probe_small_cnn.model import build_model
-from linear_probe_small_cnn.train import DivergedError, fit, prepare_model
+from linear_probe_small_cnn.run import prepare_model
+from linear_probe_small_cnn.saving import DivergedError
+from linear_probe_small_cnn.train import fit
 
 
 def files_of(folder):

@@ -13,7 +13,8 @@ from linear_probe_small_cnn.checkpoint import read_state_dict
 from linear_probe_small_cnn.cli import main
 from linear_probe_small_cnn.evaluation import finite_or_null, report
 from linear_probe_small_cnn.model import HEAD, build_model
-from linear_probe_small_cnn.train import METRIC_COLUMNS, fit
+from linear_probe_small_cnn.saving import METRIC_COLUMNS
+from linear_probe_small_cnn.train import fit
 
 
 def save_init(path: Path, config: dict) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from conftest import fitted, shrink
 from resnet18_pattern.config import ConfigError, load_config
 from resnet18_pattern.data import example_inputs
 from resnet18_pattern.optim import make_optimizer, optimizer_step
-from resnet18_pattern.train import amp_dtype, prepare_model, use_channels_last
+from resnet18_pattern.run import amp_dtype, prepare_model, use_channels_last
 
 
 def test_bf16_autocast_on_the_cpu_trains_and_keeps_frozen_tensors(tmp_path, config, monkeypatch):

@@ -21,7 +21,8 @@ from resnet18_pattern.data import DEFAULT_DATA, example_inputs, make_datasets
 from resnet18_pattern.freeze import FreezeSpecError
 from resnet18_pattern.model import build_model
 from resnet18_pattern.optim import make_optimizer
-from resnet18_pattern.train import prepare_model, train_one_epoch
+from resnet18_pattern.run import prepare_model
+from resnet18_pattern.train import train_one_epoch
 
 STATS = ("running_mean", "running_var", "num_batches_tracked")
 

@@ -26,21 +26,21 @@ HARNESS = textwrap.dedent(
 
     import torch
 
-    from resnet18_pattern import train
+    from resnet18_pattern import run, train
     from resnet18_pattern.config import from_dict
     from resnet18_pattern.distributed import stop
 
     config = from_dict(json.loads(sys.argv[1]))
     out, dump, options = sys.argv[2] or None, sys.argv[3], json.loads(sys.argv[4])
     models = []
-    prepare = train.prepare_model
+    prepare = run.prepare_model
 
     def keep(*args, **kwargs):
         model, state = prepare(*args, **kwargs)
         models.append(model)
         return model, state
 
-    train.prepare_model = keep
+    run.prepare_model = keep
     train.fit(config, out, device="cpu", **options)
     torch.save(models[0].state_dict(), os.path.join(dump, "rank" + os.environ["RANK"] + ".pt"))
     stop()

@@ -7,7 +7,7 @@ from conftest import linear_probe
 from resnet18_pattern.data import example_inputs
 from resnet18_pattern.distributed import SINGLE, World
 from resnet18_pattern.model import HEAD
-from resnet18_pattern.train import loader_workers, prepare_model
+from resnet18_pattern.run import loader_workers, prepare_model
 
 
 def test_a_frozen_prefix_builds_no_autograd_graph(config):

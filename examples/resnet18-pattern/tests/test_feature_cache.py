@@ -10,7 +10,7 @@ from resnet18_pattern.config import ConfigError
 from resnet18_pattern.data import DEFAULT_DATA, make_datasets
 from resnet18_pattern.features import cache_decision
 from resnet18_pattern.model import HEAD
-from resnet18_pattern.train import prepare_model
+from resnet18_pattern.run import prepare_model
 
 
 def head_of(model):

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 from resnet18_pattern.data import DEFAULT_DATA, make_datasets
 from resnet18_pattern.distributed import World
 from resnet18_pattern.optim import make_optimizer
-from resnet18_pattern.train import fit, prepare_model, show_progress, train_one_epoch
+from resnet18_pattern.run import prepare_model
+from resnet18_pattern.train import fit, show_progress, train_one_epoch
 
 
 def test_the_freeze_summary_lists_children_and_the_trainable_share(tmp_path, config, capsys):

@@ -13,7 +13,7 @@ from resnet18_pattern.data import example_inputs
 from resnet18_pattern.freeze import FreezeSpecError, freeze, resolve
 from resnet18_pattern.model import HEAD, build_model
 from resnet18_pattern.optim import make_optimizer
-from resnet18_pattern.train import freeze_spec, prepare_model
+from resnet18_pattern.run import freeze_spec, prepare_model
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import torch
 from resnet18_pattern.data import example_inputs
 from resnet18_pattern.grad_checkpointing import checkpoint_blocks
 from resnet18_pattern.model import blocks_with_parameters, build_model
-from resnet18_pattern.train import prepare_model
+from resnet18_pattern.run import prepare_model
 
 
 def test_checkpointed_blocks_behind_a_frozen_prefix_get_their_gradients(config):

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from resnet18_pattern import train
+from resnet18_pattern import saving, train
 from resnet18_pattern.checkpoint import RunFiles, torch_bytes, torch_load
 from resnet18_pattern.integrity import IntegrityError, fixed_tensors
 
@@ -58,6 +58,6 @@ def test_a_resume_whose_fixed_tensors_were_edited_is_refused(tmp_path, frozen_co
     checkpoint = torch_load(out / "last.ckpt")
     name = next(iter(checkpoint["integrity"]))
     checkpoint["model"][name] += 1  # and recorded as if the run wrote it: only the checksums can tell
-    RunFiles(out).save("last.ckpt", torch_bytes(checkpoint), train.full_info(checkpoint))
+    RunFiles(out).save("last.ckpt", torch_bytes(checkpoint), saving.full_info(checkpoint))
     with pytest.raises(IntegrityError, match=rf"--resume .*last\.ckpt: 1 fixed tensors differ .*\({re.escape(name)}\)"):
         train.fit(None, None, resume=out, device="cpu")

@@ -10,7 +10,7 @@ from conftest import has_params
 from resnet18_pattern.freeze import FreezeSpecError
 from resnet18_pattern.model import BLOCK_CONTAINERS, HEAD, blocks_with_parameters, build_model
 from resnet18_pattern.optim import param_groups
-from resnet18_pattern.train import prepare_model
+from resnet18_pattern.run import prepare_model
 
 
 def test_lr_mult_selectors_last_match_wins(config):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from conftest import frozen_names
 
 from resnet18_pattern.optim import make_optimizer, trainable_names
-from resnet18_pattern.train import prepare_model
+from resnet18_pattern.run import prepare_model
 
 
 def groups_by_name(optimizer):

@@ -15,7 +15,9 @@ from resnet18_pattern.checkpoint import CheckpointError, RunFiles, read_state_di
 from resnet18_pattern.cli import main
 from resnet18_pattern.config import load_config
 from resnet18_pattern.model import build_model
-from resnet18_pattern.train import DivergedError, fit, prepare_model
+from resnet18_pattern.run import prepare_model
+from resnet18_pattern.saving import DivergedError
+from resnet18_pattern.train import fit
 
 
 def files_of(folder):

@@ -13,7 +13,8 @@ from resnet18_pattern.checkpoint import read_state_dict
 from resnet18_pattern.cli import main
 from resnet18_pattern.evaluation import finite_or_null, report
 from resnet18_pattern.model import HEAD, build_model
-from resnet18_pattern.train import METRIC_COLUMNS, fit
+from resnet18_pattern.saving import METRIC_COLUMNS
+from resnet18_pattern.train import fit
 
 
 def save_init(path: Path, config: dict) -> dict[str, torch.Tensor]:

@@ -21,7 +21,8 @@ from staged_small_cnn.data import DEFAULT_DATA, example_inputs, make_datasets
 from staged_small_cnn.freeze import FreezeSpecError
 from staged_small_cnn.model import build_model
 from staged_small_cnn.optim import make_optimizer
-from staged_small_cnn.train import prepare_model, train_one_epoch
+from staged_small_cnn.run import prepare_model
+from staged_small_cnn.train import train_one_epoch
 
 STATS = ("running_mean", "running_var", "num_batches_tracked")
 

@@ -14,7 +14,7 @@ from conftest import shrink, to_toml, torchrun
 
 from staged_small_cnn.checkpoint import RunFiles
 from staged_small_cnn.config import Config
-from staged_small_cnn.train import prepare_model
+from staged_small_cnn.run import prepare_model
 
 # Every test here starts torchrun: seconds of process-group setup each.
 pytestmark = pytest.mark.slow
@@ -29,21 +29,21 @@ HARNESS = textwrap.dedent(
 
     import torch
 
-    from staged_small_cnn import train
+    from staged_small_cnn import run, train
     from staged_small_cnn.config import from_dict
     from staged_small_cnn.distributed import stop
 
     config = from_dict(json.loads(sys.argv[1]))
     out, dump, options = sys.argv[2] or None, sys.argv[3], json.loads(sys.argv[4])
     models = []
-    prepare = train.prepare_model
+    prepare = run.prepare_model
 
     def keep(*args, **kwargs):
         model, state = prepare(*args, **kwargs)
         models.append(model)
         return model, state
 
-    train.prepare_model = keep
+    run.prepare_model = keep
     train.fit(config, out, device="cpu", **options)
     torch.save(models[0].state_dict(), os.path.join(dump, "rank" + os.environ["RANK"] + ".pt"))
     stop()

@@ -10,7 +10,7 @@ from staged_small_cnn.config import ConfigError
 from staged_small_cnn.data import DEFAULT_DATA, make_datasets
 from staged_small_cnn.features import cache_decision
 from staged_small_cnn.model import HEAD
-from staged_small_cnn.train import prepare_model
+from staged_small_cnn.run import prepare_model
 
 
 def head_of(model):

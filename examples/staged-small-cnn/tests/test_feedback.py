@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 from staged_small_cnn.data import DEFAULT_DATA, make_datasets
 from staged_small_cnn.distributed import World
 from staged_small_cnn.optim import make_optimizer
-from staged_small_cnn.train import fit, prepare_model, show_progress, train_one_epoch
+from staged_small_cnn.run import prepare_model
+from staged_small_cnn.train import fit, show_progress, train_one_epoch
 
 
 def test_the_freeze_summary_lists_children_and_the_trainable_share(tmp_path, config, capsys):

@@ -13,7 +13,7 @@ from staged_small_cnn.data import example_inputs
 from staged_small_cnn.freeze import FreezeSpecError, freeze, resolve
 from staged_small_cnn.model import HEAD, build_model
 from staged_small_cnn.optim import make_optimizer
-from staged_small_cnn.train import freeze_spec, prepare_model
+from staged_small_cnn.run import freeze_spec, prepare_model
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import torch
 from staged_small_cnn.data import example_inputs
 from staged_small_cnn.grad_checkpointing import checkpoint_blocks
 from staged_small_cnn.model import blocks_with_parameters, build_model
-from staged_small_cnn.train import prepare_model
+from staged_small_cnn.run import prepare_model
 
 
 def test_checkpointed_blocks_behind_a_frozen_prefix_get_their_gradients(config):

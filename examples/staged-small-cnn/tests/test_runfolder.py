@@ -15,7 +15,9 @@ from staged_small_cnn.checkpoint import CheckpointError, RunFiles, read_state_di
 from staged_small_cnn.cli import main
 from staged_small_cnn.config import load_config
 from staged_small_cnn.model import build_model
-from staged_small_cnn.train import DivergedError, fit, prepare_model
+from staged_small_cnn.run import prepare_model
+from staged_small_cnn.saving import DivergedError
+from staged_small_cnn.train import fit
 
 
 def files_of(folder):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import has_params, pretrained_like, shrink, to_toml
 
-from staged_small_cnn import train
-from staged_small_cnn.checkpoint import torch_load
+from staged_small_cnn import run, train
+from staged_small_cnn.checkpoint import CheckpointError, read_state_dict, torch_load
 from staged_small_cnn.cli import main
 from staged_small_cnn.config import ConfigError, load_config
 from staged_small_cnn.freeze import FreezeSpecError, parse_stages, resolve
@@ -25,7 +25,7 @@ def stage_plan(config: dict) -> tuple[str, list[str], list[str]]:
     That module is a top-level child, or a block of the child that holds the
     whole frozen part (efficientnet_b0: features.8 of features).
     """
-    model, _ = train.prepare_model(config)
+    model, _ = run.prepare_model(config)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
 
     def params_of(name: str, module: torch.nn.Module) -> set[str]:
@@ -49,7 +49,7 @@ def stage_plan(config: dict) -> tuple[str, list[str], list[str]]:
 def spy_on_epochs(monkeypatch) -> tuple[list, list]:
     """Parameters and param groups at the start of every epoch fit() runs, and the model it built."""
     seen, models = [], []
-    real_epoch, real_prepare = train.train_one_epoch, train.prepare_model
+    real_epoch, real_prepare = train.train_one_epoch, run.prepare_model
 
     def prepare(*args, **kwargs):
         model, state = real_prepare(*args, **kwargs)
@@ -61,7 +61,7 @@ def spy_on_epochs(monkeypatch) -> tuple[list, list]:
         seen.append((weights, {g["name"]: dict(g, params=None) for g in optimizer.param_groups}))
         return real_epoch(net, loader, optimizer, *args, **kwargs)
 
-    monkeypatch.setattr(train, "prepare_model", prepare)
+    monkeypatch.setattr(run, "prepare_model", prepare)
     monkeypatch.setattr(train, "train_one_epoch", one_epoch)
     return seen, models
 
@@ -124,12 +124,92 @@ def test_a_stage_with_a_typo_fails_before_training(tmp_path, config, capsys):
         ({"epoch": 1}, "select is missing"),
         ({"epoch": 0, "select": "*"}, "needs epoch >= 1"),
         ({"epoch": 1, "select": "*", "lr_mult": "0.1"}, "lr_mult = '0.1' has the wrong type"),
+        ({"epoch": 1, "select": "*", "patience": 0}, "patience = 0; it must be at least 1 epoch"),
+        ({"epoch": 1, "select": "*", "patience": True}, "patience = True has the wrong type"),
+        ({"epoch": 1, "select": "*", "restore_best": 1}, "restore_best = 1 has the wrong type"),
     ],
 )
 def test_a_malformed_stage_is_an_error(config, stage, message):
     config.unfreeze.stages = [stage]
     with pytest.raises(FreezeSpecError, match=message):
-        train.prepare_model(config)
+        run.prepare_model(config)
+
+
+def stall_after_epoch_1(monkeypatch) -> None:
+    """val_loss by epoch: best at epoch 1, then worse every epoch: a plateau made on purpose."""
+    real = train.run_epoch
+
+    def scripted(run, epoch):
+        row = real(run, epoch)
+        row["val_loss"] = 1.0 if epoch == 0 else 0.9 + 0.01 * (epoch - 1)
+        return row
+
+    monkeypatch.setattr(train, "run_epoch", scripted)
+
+
+def plateau_config(config, **stage) -> str:
+    first, _, _ = stage_plan(config)
+    config.unfreeze.stages = [{"select": first, **stage}]
+    config.checkpoint.monitor, config.checkpoint.mode = "val_loss", "min"
+    return first
+
+
+def test_a_stage_with_patience_starts_when_the_metric_stalls(tmp_path, config, monkeypatch, capsys):
+    plateau_config(config, epoch=5, patience=2)
+    stall_after_epoch_1(monkeypatch)
+    seen, _ = spy_on_epochs(monkeypatch)
+    train.fit(config, tmp_path / "run", epochs=6, device="cpu")
+    staged = [any(name.startswith("stage") for name in groups) for _, groups in seen]
+    # Epochs 2 and 3 did not beat epoch 1: the stage starts at 4, before its epoch 5.
+    assert staged == [False] * 4 + [True] * 2
+    assert json.loads((tmp_path / "run" / "freeze_manifest.json").read_text())["stage_epochs"] == [4]
+    assert "(val_loss has not improved for 2 epochs)" in capsys.readouterr().out
+
+
+def test_a_stage_with_patience_starts_at_its_epoch_if_the_metric_keeps_improving(tmp_path, config, monkeypatch, capsys):
+    plateau_config(config, epoch=2, patience=3)
+    real = train.run_epoch
+    monkeypatch.setattr(train, "run_epoch", lambda run, epoch: {**real(run, epoch), "val_loss": 1.0 - 0.1 * epoch})
+    train.fit(config, tmp_path / "run", epochs=3, device="cpu")
+    assert json.loads((tmp_path / "run" / "freeze_manifest.json").read_text())["stage_epochs"] == [2]
+    assert "(its epoch; val_loss stalled 0 of 3 epochs)" in capsys.readouterr().out
+
+
+def test_restore_best_puts_the_best_weights_back_before_the_stage(tmp_path, config, monkeypatch, capsys):
+    plateau_config(config, epoch=9, patience=2, restore_best=True)
+    stall_after_epoch_1(monkeypatch)
+    seen, _ = spy_on_epochs(monkeypatch)
+    out = tmp_path / "run"
+    train.fit(config, out, epochs=5, device="cpu")
+    best = read_state_dict(out / "best.safetensors")
+    at_stage, before = seen[4][0], seen[3][0]
+    assert all(torch.equal(at_stage[name], best[name]) for name in at_stage), "epoch 4 did not start from the best"
+    assert any(not torch.equal(at_stage[name], before[name]) for name in at_stage), "epochs 2-3 changed nothing"
+    assert "; restored the best weights, of epoch 1" in capsys.readouterr().out
+
+
+def test_restore_best_refuses_a_best_file_from_the_epochs_a_resume_went_back_over(tmp_path, config, monkeypatch):
+    plateau_config(config, epoch=9, patience=1, restore_best=True)
+    config.checkpoint.keep_last_k = 4
+    real = train.run_epoch
+    losses = [1.0, 0.9, 0.95, 0.8]  # the stage starts at 3 (epoch 2 did not improve); epoch 3 is the new best
+    monkeypatch.setattr(train, "run_epoch", lambda run, epoch: {**real(run, epoch), "val_loss": losses[epoch]})
+    out = tmp_path / "run"
+    train.fit(config, out, epochs=6, stop_after=4, device="cpu")
+    refused = r"restore_best: the best file holds epoch 3, but this run's best so far is epoch 1"
+    with pytest.raises(CheckpointError, match=refused):
+        train.fit(None, None, resume=out / "epoch-0002.ckpt", device="cpu")
+
+
+def test_a_resume_across_a_plateau_stage_is_exact(tmp_path, config, monkeypatch):
+    plateau_config(config, epoch=5, patience=2)
+    stall_after_epoch_1(monkeypatch)
+    train.fit(config, tmp_path / "whole", epochs=6, device="cpu")
+    train.fit(config, tmp_path / "parts", epochs=6, stop_after=4, device="cpu")  # stops right before the stage
+    train.fit(None, None, resume=tmp_path / "parts", device="cpu")
+    whole, parts = torch_load(tmp_path / "whole" / "last.ckpt"), torch_load(tmp_path / "parts" / "last.ckpt")
+    assert whole["freeze_manifest"]["stage_epochs"] == parts["freeze_manifest"]["stage_epochs"] == [4]
+    assert all(torch.equal(whole["model"][name], parts["model"][name]) for name in whole["model"])
 
 
 def test_keys_of_the_old_single_unfreeze_point_say_where_they_moved(tmp_path):

@@ -13,7 +13,8 @@ from staged_small_cnn.checkpoint import read_state_dict
 from staged_small_cnn.cli import main
 from staged_small_cnn.evaluation import finite_or_null, report
 from staged_small_cnn.model import HEAD, build_model
-from staged_small_cnn.train import METRIC_COLUMNS, fit
+from staged_small_cnn.saving import METRIC_COLUMNS
+from staged_small_cnn.train import fit
 
 
 def save_init(path: Path, config: dict) -> dict[str, torch.Tensor]:

@@ -18,7 +18,8 @@ from teaching_small_cnn.data import DEFAULT_DATA, make_datasets
 from teaching_small_cnn.freeze import FreezeSpecError
 from teaching_small_cnn.model import build_model
 from teaching_small_cnn.optim import make_optimizer
-from teaching_small_cnn.train import prepare_model, train_one_epoch
+from teaching_small_cnn.run import prepare_model
+from teaching_small_cnn.train import train_one_epoch
 
 STATS = ("running_mean", "running_var", "num_batches_tracked")
 

@@ -6,7 +6,7 @@ from conftest import linear_probe
 
 from teaching_small_cnn.data import example_inputs
 from teaching_small_cnn.model import HEAD
-from teaching_small_cnn.train import loader_workers, prepare_model
+from teaching_small_cnn.run import loader_workers, prepare_model
 
 
 def test_a_frozen_prefix_builds_no_autograd_graph(config):

@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader
 
 from teaching_small_cnn.data import DEFAULT_DATA, make_datasets
 from teaching_small_cnn.optim import make_optimizer
-from teaching_small_cnn.train import fit, prepare_model, show_progress, train_one_epoch
+from teaching_small_cnn.run import prepare_model
+from teaching_small_cnn.train import fit, show_progress, train_one_epoch
 
 
 def test_the_freeze_summary_lists_children_and_the_trainable_share(tmp_path, config, capsys):

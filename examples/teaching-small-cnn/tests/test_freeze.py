@@ -13,7 +13,7 @@ from teaching_small_cnn.data import example_inputs
 from teaching_small_cnn.freeze import FreezeSpecError, freeze, resolve
 from teaching_small_cnn.model import HEAD, build_model
 from teaching_small_cnn.optim import make_optimizer
-from teaching_small_cnn.train import freeze_spec, prepare_model
+from teaching_small_cnn.run import freeze_spec, prepare_model
 
 
 @pytest.fixture

@@ -16,7 +16,9 @@ from teaching_small_cnn.cli import main
 from teaching_small_cnn.config import load_config
 from teaching_small_cnn.freeze import FreezeSpecError
 from teaching_small_cnn.model import build_model
-from teaching_small_cnn.train import DivergedError, fit, prepare_model
+from teaching_small_cnn.run import prepare_model
+from teaching_small_cnn.saving import DivergedError
+from teaching_small_cnn.train import fit
 
 
 def files_of(folder):

@@ -13,7 +13,8 @@ from teaching_small_cnn.checkpoint import read_state_dict
 from teaching_small_cnn.cli import main
 from teaching_small_cnn.evaluation import finite_or_null, report
 from teaching_small_cnn.model import HEAD, build_model
-from teaching_small_cnn.train import METRIC_COLUMNS, fit
+from teaching_small_cnn.saving import METRIC_COLUMNS
+from teaching_small_cnn.train import fit
 
 
 def save_init(path: Path, config: dict) -> dict[str, torch.Tensor]:

@@ -30,7 +30,9 @@ from .integrity import IntegrityError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
 from .model import build_model
 from .plot import PlotError, plot_confusion, plot_run
-from .train import DivergedError, Stopped, fit, prepare_model
+from .run import prepare_model
+from .saving import DivergedError
+from .train import Stopped, fit
 from .weights import inspect_weights, plan_load
 
 # A spec in this model's own names, for --help.

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from .data import DataError, image_transforms, load_rgb
 from .distributed import SINGLE
 from .evaluation import write_csv
-from .train import loader_workers
+from .run import loader_workers
 
 COLUMNS = ("path", "rank", "label", "probability")
 

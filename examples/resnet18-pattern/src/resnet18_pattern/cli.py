@@ -34,7 +34,9 @@ from .layers import format_layer_table, layer_table, parse_spec, spec_report
 from .model import PretrainedWeightsError, build_model
 from .plot import PlotError, plot_confusion, plot_run
 from .predict import format_rows, image_files, predict, predict_workers, write_predictions
-from .train import DivergedError, Stopped, fit, prepare_model
+from .run import prepare_model
+from .saving import DivergedError
+from .train import Stopped, fit
 from .weights import inspect_weights, plan_load
 
 # A spec in this model's own names, for --help.

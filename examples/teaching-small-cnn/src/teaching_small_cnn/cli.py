@@ -30,7 +30,9 @@ from .integrity import IntegrityError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
 from .model import build_model
 from .predict import format_rows, image_files, predict, predict_workers, write_predictions
-from .train import DivergedError, Stopped, fit, prepare_model
+from .run import prepare_model
+from .saving import DivergedError
+from .train import Stopped, fit
 from .traps import TRAPS, format_table, run_traps
 from .weights import inspect_weights, plan_load
 

@@ -19,7 +19,7 @@ nothing is an error that names the closest real names: a typo must never
 become a spec that silently freezes nothing.
 
 A frozen parameter has requires_grad=False and no .grad, and never reaches
-the optimizer (see train.py), so weight decay, momentum and Adam state
+the optimizer (see optim.py), so weight decay, momentum and Adam state
 cannot move it.
 """
 
@@ -212,6 +212,7 @@ class FreezeState:
     bn_modes: dict[str, str]
     selectors: dict[str, list[str]] = field(default_factory=dict)
     stages_done: int = 0
+    stage_epochs: list[int] = field(default_factory=list)  # the epoch each stage done started at
 
 
 def freeze(model: nn.Module, spec: Sequence[Selector], bn_overrides: dict[str, str], where: str) -> FreezeState:
@@ -280,13 +281,24 @@ def apply(model: nn.Module, state: FreezeState) -> None:
 
 @dataclass(frozen=True)
 class Stage:
+    """Release `select` at `epoch`; with `patience`, as soon as the monitored metric stalls that long."""
+
     epoch: int
     select: list[Selector]
     lr_mult: float = 1.0
     warmup_epochs: int = 0
+    patience: int | None = None
+    restore_best: bool = False
 
 
-STAGE_KEYS = {"epoch": int, "select": (str, int, list), "lr_mult": (float, int), "warmup_epochs": int}
+STAGE_KEYS = {
+    "epoch": int,
+    "select": (str, int, list),
+    "lr_mult": (float, int),
+    "warmup_epochs": int,
+    "patience": int,
+    "restore_best": bool,
+}
 
 
 def parse_stages(raw: list[Any]) -> list[Stage]:
@@ -304,12 +316,15 @@ def parse_stages(raw: list[Any]) -> list[Stage]:
             if key not in table:
                 raise FreezeSpecError(f"{where}: {key} is missing")
         for key, kind in STAGE_KEYS.items():
-            if key in table and (not isinstance(table[key], kind) or isinstance(table[key], bool)):
+            if key in table and (not isinstance(table[key], kind) or isinstance(table[key], bool) != (kind is bool)):
                 raise FreezeSpecError(f"{where}: {key} = {table[key]!r} has the wrong type")
         select = table["select"] if isinstance(table["select"], list) else [table["select"]]
-        stage = Stage(table["epoch"], select, float(table.get("lr_mult", 1.0)), table.get("warmup_epochs", 0))
+        options = {key: table[key] for key in STAGE_KEYS if key in table and key not in ("epoch", "select")}
+        stage = Stage(table["epoch"], select, **{**options, "lr_mult": float(options.get("lr_mult", 1.0))})
         if stage.epoch < 1 or stage.lr_mult <= 0 or stage.warmup_epochs < 0 or not select:
             raise FreezeSpecError(f"{where}: needs epoch >= 1, lr_mult > 0, warmup_epochs >= 0 and a selection")
+        if stage.patience is not None and stage.patience < 1:
+            raise FreezeSpecError(f"{where}: patience = {stage.patience}; it must be at least 1 epoch")
         stages.append(stage)
     return sorted(stages, key=lambda s: s.epoch)
 
@@ -320,13 +335,16 @@ def check_stages(model: nn.Module, stages: list[Stage]) -> None:
         resolve(model, stage.select, f"unfreeze.stages[{i}].select")
 
 
-def unfreeze_stage(model: nn.Module, state: FreezeState, stage: Stage, bn_overrides: dict[str, str]) -> list[str]:
-    """Make the stage's selection trainable and re-derive BatchNorm modes; return the names that now train."""
+def unfreeze_stage(
+    model: nn.Module, state: FreezeState, stage: Stage, bn_overrides: dict[str, str], epoch: int
+) -> list[str]:
+    """Make the stage's selection trainable at `epoch`, re-derive BatchNorm modes; return the names that now train."""
     before = {name for name, p in model.named_parameters() if p.requires_grad}
     _, match = resolve(model, stage.select, f"unfreeze.stages[{state.stages_done}].select")
     state.frozen -= set(match.params)
     state.bn_modes = bn_modes(model, state.frozen, bn_overrides)
     state.stages_done += 1
+    state.stage_epochs.append(epoch)
     apply(model, state)
     return [name for name, p in model.named_parameters() if p.requires_grad and name not in before]
 
@@ -350,6 +368,7 @@ def manifest(model: nn.Module, state: FreezeState, groups: list[dict[str, Any]])
         "resolved": state.selectors,
         "spec_frozen": sorted(state.frozen),
         "stages_done": state.stages_done,
+        "stage_epochs": state.stage_epochs,
         "param_groups": groups,
     }
 
@@ -359,6 +378,8 @@ def state_from_manifest(model: nn.Module, data: dict[str, Any], source: str) -> 
     try:
         frozen, modes = set(data["spec_frozen"]), dict(data["bn_modes"])
         stages_done, selectors = int(data["stages_done"]), dict(data["resolved"])
+        # Manifests written before plateau stages do not hold the epochs.
+        stage_epochs = [int(epoch) for epoch in data.get("stage_epochs", [])]
     except (KeyError, TypeError, ValueError) as err:
         raise FreezeSpecError(f"{source} is not a freeze manifest this project wrote (missing {err})") from None
     params = [name for name, _ in model.named_parameters()]
@@ -372,4 +393,4 @@ def state_from_manifest(model: nn.Module, data: dict[str, Any], source: str) -> 
             raise FreezeSpecError(f"{source}: {name!r} is not a BatchNorm layer of the model{_closest(name, layers)}")
         if mode not in BN_MODES:
             raise FreezeSpecError(f"{source}: {name!r} has mode {mode!r}; a mode is one of {', '.join(BN_MODES)}")
-    return FreezeState(frozen, modes, selectors, stages_done)
+    return FreezeState(frozen, modes, selectors, stages_done, stage_epochs)

@@ -36,7 +36,8 @@ from .freeze import FreezeSpecError, FreezeState, Stage, freeze, unfreeze_stage
 from .model import HEAD, build_model
 from .optim import add_groups, cosine_schedule, make_optimizer, param_groups
 from .rng import seed_everything
-from .train import fit, prepare_model, train_one_epoch
+from .run import prepare_model
+from .train import fit, train_one_epoch
 from .weights import load_init
 
 CPU = torch.device("cpu")
@@ -317,7 +318,7 @@ def trap_unfreeze_without_group(config: Config) -> list[Row]:
     scheduler = cosine_schedule(optimizer, config.train.epochs)
     our_epoch(ours_model, optimizer, loader)
     scheduler.step()
-    now_trainable = unfreeze_stage(ours_model, state, Stage(1, [released]), config.freeze.bn_modes)
+    now_trainable = unfreeze_stage(ours_model, state, Stage(1, [released]), config.freeze.bn_modes, 1)
     # As train.begin_stages does it: new groups, on the schedule from this epoch.
     groups = param_groups(ours_model, config, now_trainable, f"stage{state.stages_done}", 1.0, 1, 0)
     add_groups(ours_model, optimizer, scheduler, groups, config, config.train.epochs)

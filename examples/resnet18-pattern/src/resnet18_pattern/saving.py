@@ -1,0 +1,151 @@
+"""What each epoch leaves in the run folder: metrics.csv, the best weights, the full checkpoints.
+
+Every file is written whole to a temp file and moved into place, so a crash
+leaves the previous file; weights that are not finite are never written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .checkpoint import (
+    RunFiles,
+    atomic_write,
+    config_hash,
+    non_finite,
+    read_state_dict,
+    safetensors_bytes,
+    torch_bytes,
+)
+from .distributed import gather
+from .freeze import manifest
+from .rng import rng_state
+
+if TYPE_CHECKING:
+    import torch
+
+    from .run import Run
+
+
+class DivergedError(RuntimeError):
+    """The loss or the weights stopped being finite: nothing of that epoch is saved."""
+
+
+# New columns go at the end: scripts that read metrics.csv by position keep working.
+METRIC_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "seconds",
+    "train_acc",
+    "images_per_s",
+    "trainable_params",
+)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def write_metrics(path: Path, history: list[dict[str, float]]) -> None:
+    # Rewritten whole from the history each epoch, so a resumed run never
+    # holds rows from epochs it went back over.
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def save(run: Run, row: dict[str, float]) -> None:
+    """best.* when the monitored metric improved; last.ckpt and the epoch files, every epoch.
+
+    Weights that are not finite are never written: the files of the last good epoch stay.
+    """
+    bad = non_finite(run.model.state_dict())
+    if bad:
+        raise DivergedError(
+            f"epoch {row['epoch']}: {len(bad)} tensors are not finite (first: {bad[0]}); "
+            "nothing of this epoch was saved"
+        )
+    monitor, mode = run.config.checkpoint.monitor, run.config.checkpoint.mode
+    value = row[monitor]
+    if value < run.best_value if mode == "min" else value > run.best_value:
+        run.best_value = value
+        if run.world.main:
+            save_best(run, row["epoch"], monitor, value)
+    # Every rank's RNG, so each rank of a resumed run draws what it would have.
+    rng = gather(rng_state(), run.world)
+    if not run.world.main:
+        return
+    checkpoint = {
+        "epoch": row["epoch"],
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "rng": rng,
+        "best_value": run.best_value,
+        "history": run.history,
+        "freeze_manifest": manifest(run.model, run.state, run.groups),
+        "integrity": run.integrity.recorded(),
+        "config": run.config.to_dict(),
+        "classes": run.classes,
+    }
+    save_full(run.files, checkpoint, run.config.checkpoint.keep_last_k)
+    run.saved = row["epoch"]
+
+
+def save_best(run: Run, epoch: int, monitor: str, value: float) -> None:
+    info = {"epoch": epoch, "metric": {monitor: value}}
+    weights = run.model.state_dict()
+    # safetensors metadata is str -> str.
+    metadata = {
+        "epoch": str(epoch),
+        monitor: repr(value),
+        "config_sha256": config_hash(run.config.to_dict()),
+        "classes": json.dumps(run.classes),
+    }
+    run.files.save("best.safetensors", safetensors_bytes(weights, metadata), {**info, "format": "safetensors"})
+
+
+def read_best(out: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    """The best weights so far in the run folder `out`, checked against checkpoints.json, and their epoch."""
+    files = RunFiles(out)
+    name = next(name for name in ["best.safetensors"] if name in files.files)
+    return files.verify(name)["epoch"], read_state_dict(out / name)
+
+
+def best_files(run: Run) -> list[Path]:
+    """The best weights, for the trackers: one file, the format every loader reads first."""
+    names = ["best.safetensors"]
+    return [run.out / name for name in names if (run.out / name).exists()][:1]
+
+
+def full_info(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """What checkpoints.json records for a full checkpoint, read off the checkpoint itself."""
+    last = checkpoint["history"][-1]
+    return {"epoch": checkpoint["epoch"], "metric": {k: last[k] for k in ("val_loss", "val_acc")}, "format": "full"}
+
+
+def save_full(files: RunFiles, checkpoint: dict[str, Any], keep_last_k: int) -> None:
+    """last.ckpt, plus epoch-NNNN.ckpt files of which the newest keep_last_k stay.
+
+    epoch-0003.ckpt holds the state after epoch 3 (as numbered in
+    metrics.csv), so resuming from it runs epoch 4 next. An old epoch file is
+    deleted only after the new one is complete.
+    """
+    payload = torch_bytes(checkpoint)
+    info = full_info(checkpoint)
+    if keep_last_k:
+        files.save(f"epoch-{checkpoint['epoch']:04d}.ckpt", payload, info)
+        epoch_files = sorted(name for name in files.files if name.startswith("epoch-"))
+        for name in epoch_files[:-keep_last_k]:
+            files.remove(name)
+    files.save("last.ckpt", payload, info)
