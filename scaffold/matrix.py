@@ -35,6 +35,7 @@ RESEARCH_FEATURES = (
     "export",
     "plot",
     "tensorboard",
+    "ema",
 )
 TEACHING_FEATURES = ("traps",)
 # Opt-in in both profiles: each needs a package and a store the user picks.

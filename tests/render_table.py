@@ -60,7 +60,7 @@ def row(project: Path, name: str) -> str:
     tests = sorted((project / "tests").glob("test_*.py"))
     length, where = longest_function(src)
     research = tuple(answers["features"]) == RESEARCH_FEATURES
-    features = "the research default (9)" if research else ", ".join(answers["features"])
+    features = f"the research default ({len(RESEARCH_FEATURES)})" if research else ", ".join(answers["features"])
     train = next(p for p in src if p.name == "train.py")
     return (
         f"| {name} | {answers['profile']} | {features or 'none'} | {len(src)} "

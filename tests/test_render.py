@@ -31,6 +31,7 @@ FEATURE_FILES = {
     "export": ({"export"}, {"test_export"}),
     "plot": ({"plot"}, {"test_plot"}),
     "tensorboard": ({"tracking"}, {"test_tensorboard"}),
+    "ema": ({"ema"}, {"test_ema"}),
     "mlflow": ({"tracking"}, {"test_mlflow"}),
     "wandb": ({"tracking"}, {"test_wandb"}),
     "traps": ({"traps"}, {"test_traps"}),
@@ -159,6 +160,7 @@ FEATURE_TRACES = {
     "tensorboard": [("src/finetune_demo/config.toml", "tensorboard"), ("pyproject.toml", "tensorboard")],
     "mlflow": [("src/finetune_demo/config.toml", "mlflow"), ("pyproject.toml", "mlflow"), ("README.md", "mlflow")],
     "wandb": [("src/finetune_demo/config.toml", "wandb"), ("pyproject.toml", "wandb"), ("README.md", "wandb")],
+    "ema": [("src/finetune_demo/config.toml", "ema_decay"), ("src/finetune_demo/train.py", "run.ema")],
     "traps": [("src/finetune_demo/cli.py", "traps"), ("README.md", "the traps, live")],
 }
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import sys
 
 import pytest
 from conftest import small_config
 
 from custom_char_model.cli import main
-from custom_char_model.plot import PlotError, plot_run, unfreeze_epochs
+from custom_char_model.plot import PlotError, plot_run, read_metrics, unfreeze_epochs
 from custom_char_model.train import fit
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -31,9 +30,7 @@ def test_plot_writes_curves_png_from_the_run(run, capsys):
     assert image.startswith(PNG_MAGIC)
     # Width and height from the PNG header: the 10 x 4 inch figure at 120 dpi.
     assert (int.from_bytes(image[16:20], "big"), int.from_bytes(image[20:24], "big")) == (1200, 480)
-    with open(out / "metrics.csv") as f:
-        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    assert unfreeze_epochs(rows) == []
+    assert unfreeze_epochs(read_metrics(out)) == []
 
 
 def test_unfreeze_epochs_are_where_more_parameters_train():

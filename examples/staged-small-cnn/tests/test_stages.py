@@ -185,30 +185,38 @@ def test_restore_best_puts_the_best_weights_back_before_the_stage(tmp_path, conf
     at_stage, before = seen[4][0], seen[3][0]
     assert all(torch.equal(at_stage[name], best[name]) for name in at_stage), "epoch 4 did not start from the best"
     assert any(not torch.equal(at_stage[name], before[name]) for name in at_stage), "epochs 2-3 changed nothing"
-    assert "; restored the best weights, of epoch 1" in capsys.readouterr().out
+    assert "; restored the best weights, of epoch 1 (best.safetensors)" in capsys.readouterr().out
 
 
-def test_restore_best_refuses_a_best_file_from_the_epochs_a_resume_went_back_over(tmp_path, config, monkeypatch):
+def test_restore_best_after_a_resume_went_back_reads_an_epoch_file_or_refuses(tmp_path, config, monkeypatch, capsys):
+    """best.* then holds a later epoch than the resumed history's best (as after a kill during a save)."""
     plateau_config(config, epoch=9, patience=1, restore_best=True)
-    config.checkpoint.keep_last_k = 4
     real = train.run_epoch
     losses = [1.0, 0.9, 0.95, 0.8]  # the stage starts at 3 (epoch 2 did not improve); epoch 3 is the new best
     monkeypatch.setattr(train, "run_epoch", lambda run, epoch: {**real(run, epoch), "val_loss": losses[epoch]})
-    out = tmp_path / "run"
-    train.fit(config, out, epochs=6, stop_after=4, device="cpu")
-    refused = r"restore_best: the best file holds epoch 3, but this run's best so far is epoch 1"
+    for keep, out in ((4, tmp_path / "kept"), (2, tmp_path / "gone")):
+        config.checkpoint.keep_last_k = keep
+        train.fit(config, out, epochs=4, stop_after=4, device="cpu")
+    # Resumed from epoch 2's file, as if epoch 3 had never been saved: best.* holds epoch 3.
+    train.fit(None, None, resume=tmp_path / "kept" / "epoch-0002.ckpt", device="cpu")
+    assert "; restored the best weights, of epoch 1 (epoch-0001.ckpt)" in capsys.readouterr().out
+    refused = r"restore_best: no file holds the best weights so far, of epoch 1 .*set restore_best = false"
     with pytest.raises(CheckpointError, match=refused):
-        train.fit(None, None, resume=out / "epoch-0002.ckpt", device="cpu")
+        train.fit(None, None, resume=tmp_path / "gone" / "epoch-0002.ckpt", device="cpu")
 
 
-def test_a_resume_across_a_plateau_stage_is_exact(tmp_path, config, monkeypatch):
-    plateau_config(config, epoch=5, patience=2)
+@pytest.mark.parametrize("stop_after", [4, 5])
+def test_a_resume_across_plateau_stages_is_exact(tmp_path, config, monkeypatch, stop_after):
+    """Before the first stage, and between the two: the second counts its patience from the first's start."""
+    first = plateau_config(config, epoch=9, patience=2)
+    config.unfreeze.stages.append({"select": "*", "epoch": 9, "patience": 2})
     stall_after_epoch_1(monkeypatch)
-    train.fit(config, tmp_path / "whole", epochs=6, device="cpu")
-    train.fit(config, tmp_path / "parts", epochs=6, stop_after=4, device="cpu")  # stops right before the stage
+    train.fit(config, tmp_path / "whole", epochs=8, device="cpu")
+    train.fit(config, tmp_path / "parts", epochs=8, stop_after=stop_after, device="cpu")
     train.fit(None, None, resume=tmp_path / "parts", device="cpu")
     whole, parts = torch_load(tmp_path / "whole" / "last.ckpt"), torch_load(tmp_path / "parts" / "last.ckpt")
-    assert whole["freeze_manifest"]["stage_epochs"] == parts["freeze_manifest"]["stage_epochs"] == [4]
+    # Stage 0 waits out epochs 2-3 after the best (epoch 1); stage 1 counts from stage 0's start at 4.
+    assert whole["freeze_manifest"]["stage_epochs"] == parts["freeze_manifest"]["stage_epochs"] == [4, 6], first
     assert all(torch.equal(whole["model"][name], parts["model"][name]) for name in whole["model"])
 
 

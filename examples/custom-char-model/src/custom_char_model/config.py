@@ -66,6 +66,8 @@ class TrainConfig:
     grad_checkpointing: bool
     compile: bool
     compile_backend: str
+    ema_decay: float
+    ema_warmup: bool
     sync_bn: bool
 
 
@@ -88,7 +90,7 @@ class InitConfig:
 
 @dataclass
 class CheckpointConfig:
-    monitor: Literal["val_acc", "val_loss", "train_loss"]
+    monitor: Literal["val_acc", "val_loss", "train_loss", "val_acc_ema", "val_loss_ema"]
     mode: Literal["max", "min"]
     keep_last_k: int
 
@@ -258,12 +260,16 @@ def _rules(config: Config) -> list[tuple[str, Any, bool, str]]:
         ("train.lr", train.lr, math.isfinite(train.lr) and train.lr > 0, "a finite number > 0"),
         ("train.weight_decay", train.weight_decay, _finite(train.weight_decay, 0), "a finite number >= 0"),
         ("train.layer_decay", train.layer_decay, 0 < train.layer_decay <= 1, "a number in (0, 1]; 1.0 is off"),
+        ("train.ema_decay", train.ema_decay, 0 <= train.ema_decay < 1, "0 (off) or a number in (0, 1), e.g. 0.999"),
         ("train.num_workers", train.num_workers, _auto_or_at_least(train.num_workers, 0), '"auto" or >= 0'),
         ("init.min_loaded_fraction", init.min_loaded_fraction, 0 <= init.min_loaded_fraction <= 1, "in [0, 1]"),
         ("init.first_n", init.first_n, init.first_n >= 0, "0 (every match) or more"),
     ]
     for selector, mult in train.lr_mult.items():
         rules.append((f"train.lr_mult {selector!r}", mult, _finite(mult, 0) and mult > 0, "a multiplier > 0"))
+    monitor = config.checkpoint.monitor
+    averaged = not monitor.endswith("_ema") or train.ema_decay > 0
+    rules.append(("checkpoint.monitor", monitor, averaged, "an _ema metric only with train.ema_decay > 0"))
     keep = config.checkpoint.keep_last_k
     rules.append(("checkpoint.keep_last_k", keep, keep >= 0, "0 (last.ckpt only) or more"))
     for rule in init.remap:

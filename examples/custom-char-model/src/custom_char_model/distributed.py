@@ -121,8 +121,8 @@ def on_main(compute: Callable[[], T], world: World) -> T:
     """Run `compute` on rank 0 alone and give every rank its result, or its error.
 
     For work that must happen once: choosing a checkpoint to resume reads and
-    hashes files and prints what it skipped; a stage's restore_best reads the
-    best file after rank 0 has written it. An error is raised on every
+    hashes files and prints what it skipped; a stage's restore_best finds
+    the best file once rank 0 has written it. An error is raised on every
     rank, so none waits for a broadcast that never comes.
     """
     if not world.distributed:

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import (
+    CheckpointError,
     RunFiles,
     atomic_write,
     non_finite,
     read_state_dict,
     torch_bytes,
+    torch_load,
 )
 from .distributed import gather
 from .freeze import manifest
@@ -44,6 +46,8 @@ METRIC_COLUMNS = (
     "train_acc",
     "images_per_s",
     "trainable_params",
+    "val_loss_ema",
+    "val_acc_ema",
 )
 
 
@@ -66,7 +70,7 @@ def save(run: Run, row: dict[str, float]) -> None:
 
     Weights that are not finite are never written: the files of the last good epoch stay.
     """
-    bad = non_finite(run.model.state_dict())
+    bad = non_finite(run.model.state_dict()) + (non_finite(run.ema.shadow) if run.ema is not None else [])
     if bad:
         raise DivergedError(
             f"epoch {row['epoch']}: {len(bad)} tensors are not finite (first: {bad[0]}); "
@@ -78,6 +82,8 @@ def save(run: Run, row: dict[str, float]) -> None:
         run.best_value = value
         if run.world.main:
             save_best(run, row["epoch"], monitor, value)
+    if run.ema is not None and run.world.main:
+        save_ema(run, row)
     # Every rank's RNG, so each rank of a resumed run draws what it would have.
     rng = gather(rng_state(), run.world)
     if not run.world.main:
@@ -93,6 +99,7 @@ def save(run: Run, row: dict[str, float]) -> None:
         "history": run.history,
         "freeze_manifest": manifest(run.model, run.state, run.groups),
         "integrity": run.integrity.recorded(),
+        "ema": run.ema.state_dict() if run.ema is not None else None,
         "config": run.config.to_dict(),
         "classes": run.classes,
     }
@@ -102,15 +109,40 @@ def save(run: Run, row: dict[str, float]) -> None:
 
 def save_best(run: Run, epoch: int, monitor: str, value: float) -> None:
     info = {"epoch": epoch, "metric": {monitor: value}}
-    weights = run.model.state_dict()
+    # An _ema metric was measured on the averaged weights: they are the best.
+    weights = run.ema.weights(run.model) if monitor.endswith("_ema") else run.model.state_dict()
     run.files.save("best.pt", torch_bytes(weights), {**info, "format": "state_dict"})
 
 
-def read_best(out: Path) -> tuple[int, dict[str, torch.Tensor]]:
-    """The best weights so far in the run folder `out`, checked against checkpoints.json, and their epoch."""
-    files = RunFiles(out)
-    name = next(name for name in ["best.pt"] if name in files.files)
-    return files.verify(name)["epoch"], read_state_dict(out / name)
+def save_ema(run: Run, row: dict[str, float]) -> None:
+    """ema.pt: this epoch's averaged weights, a plain state_dict a model built without this project loads."""
+    info = {"epoch": row["epoch"], "metric": {key: row[key] for key in ("val_loss_ema", "val_acc_ema")}}
+    weights = run.ema.weights(run.model)
+    run.files.save("ema.pt", torch_bytes(weights), {**info, "format": "state_dict"})
+
+
+def find_best(folders: list[Path], epoch: int, where: str) -> Path:
+    """The file holding the weights of `epoch`, the best so far, checked against checkpoints.json.
+
+    best.* when it holds that epoch; else a kept epoch-NNNN.ckpt of it. A
+    resume from an earlier checkpoint (or one after a kill during a save)
+    can find best.* already holding a later epoch.
+    """
+    names = ["best.pt", f"epoch-{epoch:04d}.ckpt"]
+    for folder in folders:
+        files = RunFiles(folder)
+        for name in names:
+            if name in files.files and files.verify(name)["epoch"] == epoch:
+                return folder / name
+    raise CheckpointError(
+        f"{where}: no file holds the best weights so far, of epoch {epoch} (looked for {', '.join(names)} in "
+        f"{', '.join(map(str, folders))}); set restore_best = false to go on without them"
+    )
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state_dict from best.* or from a full checkpoint's model."""
+    return torch_load(path)["model"] if path.suffix == ".ckpt" else read_state_dict(path)
 
 
 def best_files(run: Run) -> list[Path]:

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError
 from .config import Config
 from .data import DEFAULT_DATA
 from .distributed import SINGLE, World, all_sum, check_in_sync, on_main, sync_buffers
@@ -31,7 +30,7 @@ from .freeze import Stage, manifest, unfreeze_stage
 from .model import HEAD
 from .optim import add_groups, optimizer_step, param_groups
 from .run import Asked, Run, make_net, open_run, start_run
-from .saving import DivergedError, best_files, read_best, save, write_json, write_metrics
+from .saving import DivergedError, best_files, find_best, read_weights, save, write_json, write_metrics
 
 # How often a step reads back whether the loss stayed finite.
 CHECK_EVERY = 16
@@ -219,6 +218,8 @@ def begin_stages(run: Run, epoch: int) -> None:
         add_groups(run.model, run.optimizer, run.scheduler, new, run.config, run.epochs)
         run.groups = run.groups + new
         run.integrity.take(run.model)  # the fixed set is smaller now
+        if run.ema is not None:
+            run.ema.add(run.model, names)
         run.net = make_net(run.model, run.world, run.device, run.config)
         if run.world.main:
             write_json(run.out / "freeze_manifest.json", manifest(run.model, run.state, run.groups))
@@ -268,17 +269,19 @@ def best_epoch(run: Run) -> tuple[str, int | None]:
 
 
 def restore_best(run: Run) -> str:
-    """Put the best weights so far back, as a stage with restore_best asks; the optimizer state carries on."""
-    epoch, weights = on_main(lambda: read_best(run.out), run.world)
-    _, expected = best_epoch(run)
-    if epoch != expected:
-        # A resume from an older epoch file finds the best file of the run it went back over.
-        raise CheckpointError(
-            f"unfreeze.stages[{run.state.stages_done}].restore_best: the best file holds epoch {epoch}, but this "
-            f"run's best so far is epoch {expected} (resumed from an earlier checkpoint?); resume from last.ckpt"
-        )
-    run.model.load_state_dict(weights)
-    return f"; restored the best weights, of epoch {epoch}"
+    """Put the best weights so far back, as a stage with restore_best asks; the optimizer state carries on.
+
+    Every weight returns to its best epoch's value, a part an earlier stage
+    released since included (its optimizer state stays as trained).
+    """
+    _, epoch = best_epoch(run)
+    # A resume into another folder finds the best weights in the one it came from.
+    folders = [run.out] + ([run.resumed_from.parent] if run.resumed_from is not None else [])
+    where = f"unfreeze.stages[{run.state.stages_done}].restore_best"
+    # Rank 0 finds and checks the file; every rank reads it.
+    path = on_main(lambda: find_best(folders, epoch, where), run.world)
+    run.model.load_state_dict(read_weights(path))
+    return f"; restored the best weights, of epoch {epoch} ({path.name})"
 
 
 def stage_line(model: nn.Module, epoch: int, stage: Stage, names: list[str], groups: list[dict[str, Any]]) -> str:
@@ -314,13 +317,10 @@ def run_epoch(run: Run, epoch: int) -> dict[str, float]:
     loss_sum, correct, count = all_sum(list(sums), run.world, run.device)
     sync_buffers(run.model, run.world)
     check_in_sync(run.model, run.world)
-    if run.cache is not None:
-        val_loss, val_acc = evaluate(head, run.cache[1], run.device, run.world)
-    else:
-        val_loss, val_acc = evaluate(run.model, run.val_loader, run.device, run.world, channels_last=run.channels_last)
+    val_loss, val_acc = validate(run)
     run.scheduler.step()
     seconds = time.perf_counter() - started
-    return {
+    row = {
         "epoch": epoch,
         "train_loss": loss_sum / count,
         "val_loss": val_loss,
@@ -331,6 +331,17 @@ def run_epoch(run: Run, epoch: int) -> dict[str, float]:
         "images_per_s": count / seconds,
         "trainable_params": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
     }
+    if run.ema is not None:
+        with run.ema.applied():
+            row["val_loss_ema"], row["val_acc_ema"] = validate(run)
+    return row
+
+
+def validate(run: Run) -> tuple[float, float]:
+    """Mean loss and accuracy on the val set, through the cached features while the head trains on them."""
+    if run.cache is not None:
+        return evaluate(run.model.get_submodule(HEAD), run.cache[1], run.device, run.world)
+    return evaluate(run.model, run.val_loader, run.device, run.world, channels_last=run.channels_last)
 
 
 def record(run: Run, row: dict[str, float]) -> None:

@@ -26,6 +26,7 @@ from .checkpoint import RunFiles, atomic_write, load_resume, torch_load
 from .config import Config, ConfigError, LogConfig, TrainConfig, apply_overrides, check, from_dict, load_config
 from .data import DEFAULT_DATA, class_names, make_datasets, saved_split
 from .distributed import World, on_main, start, wrap
+from .ema import EMA
 from .features import CachedBatches, cache_decision, cache_risks
 from .freeze import (
     FreezeState,
@@ -82,6 +83,7 @@ class Run:
     trackers: Trackers | None = None
     lock: IO[str] | None = None
     integrity: Integrity | None = None
+    ema: EMA | None = None  # with train.ema_decay > 0
     saved: int | None = None  # the last epoch whose files are all written
     checkpoint: dict[str, Any] | None = None
     resumed_from: Path | None = None
@@ -370,6 +372,9 @@ def build_training(run: Run, checkpoint: dict[str, Any] | None) -> None:
         run.groups = checkpoint["freeze_manifest"]["param_groups"]  # with the groups of stages done
     run.optimizer = make_optimizer(model, run.config, run.groups)
     run.scheduler = cosine_schedule(run.optimizer, run.epochs)
+    if run.config.train.ema_decay > 0:
+        run.ema = EMA(model, run.config.train.ema_decay, run.config.train.ema_warmup)
+        run.ema.follow(run.optimizer)
     train_cfg = run.config.train
     run.amp = amp_dtype(train_cfg, run.device)
     # Loss scaling keeps fp16 gradients from underflowing; bf16 has fp32's range and needs none.
@@ -385,6 +390,8 @@ def restore(run: Run, checkpoint: dict[str, Any], resume: Path) -> None:
     run.model.load_state_dict(checkpoint["model"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.scheduler.load_state_dict(checkpoint["scheduler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(checkpoint["ema"], f"--resume {resume}")
     if checkpoint["scaler"] or not run.scaler.is_enabled():
         run.scaler.load_state_dict(checkpoint["scaler"])
     elif run.world.main:

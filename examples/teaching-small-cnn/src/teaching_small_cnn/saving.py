@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import (
+    CheckpointError,
     RunFiles,
     atomic_write,
     config_hash,
@@ -20,6 +21,7 @@ from .checkpoint import (
     read_state_dict,
     safetensors_bytes,
     torch_bytes,
+    torch_load,
 )
 from .freeze import manifest
 from .rng import rng_state
@@ -112,11 +114,28 @@ def save_best(run: Run, epoch: int, monitor: str, value: float) -> None:
     run.files.save("best.safetensors", safetensors_bytes(weights, metadata), {**info, "format": "safetensors"})
 
 
-def read_best(out: Path) -> tuple[int, dict[str, torch.Tensor]]:
-    """The best weights so far in the run folder `out`, checked against checkpoints.json, and their epoch."""
-    files = RunFiles(out)
-    name = next(name for name in ["best.safetensors", "best.pt"] if name in files.files)
-    return files.verify(name)["epoch"], read_state_dict(out / name)
+def find_best(folders: list[Path], epoch: int, where: str) -> Path:
+    """The file holding the weights of `epoch`, the best so far, checked against checkpoints.json.
+
+    best.* when it holds that epoch; else a kept epoch-NNNN.ckpt of it. A
+    resume from an earlier checkpoint (or one after a kill during a save)
+    can find best.* already holding a later epoch.
+    """
+    names = ["best.safetensors", "best.pt", f"epoch-{epoch:04d}.ckpt"]
+    for folder in folders:
+        files = RunFiles(folder)
+        for name in names:
+            if name in files.files and files.verify(name)["epoch"] == epoch:
+                return folder / name
+    raise CheckpointError(
+        f"{where}: no file holds the best weights so far, of epoch {epoch} (looked for {', '.join(names)} in "
+        f"{', '.join(map(str, folders))}); set restore_best = false to go on without them"
+    )
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state_dict from best.* or from a full checkpoint's model."""
+    return torch_load(path)["model"] if path.suffix == ".ckpt" else read_state_dict(path)
 
 
 def full_info(checkpoint: dict[str, Any]) -> dict[str, Any]:

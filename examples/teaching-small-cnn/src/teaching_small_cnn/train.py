@@ -20,13 +20,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError
 from .config import Config
 from .data import DEFAULT_DATA
 from .freeze import Stage, manifest, unfreeze_stage
 from .optim import add_groups, param_groups
 from .run import Asked, Run, open_run, start_run
-from .saving import DivergedError, read_best, save, write_json, write_metrics
+from .saving import DivergedError, find_best, read_weights, save, write_json, write_metrics
 
 # How often a step reads back whether the loss stayed finite.
 CHECK_EVERY = 16
@@ -227,17 +226,18 @@ def best_epoch(run: Run) -> tuple[str, int | None]:
 
 
 def restore_best(run: Run) -> str:
-    """Put the best weights so far back, as a stage with restore_best asks; the optimizer state carries on."""
-    epoch, weights = read_best(run.out)
-    _, expected = best_epoch(run)
-    if epoch != expected:
-        # A resume from an older epoch file finds the best file of the run it went back over.
-        raise CheckpointError(
-            f"unfreeze.stages[{run.state.stages_done}].restore_best: the best file holds epoch {epoch}, but this "
-            f"run's best so far is epoch {expected} (resumed from an earlier checkpoint?); resume from last.ckpt"
-        )
-    run.model.load_state_dict(weights)
-    return f"; restored the best weights, of epoch {epoch}"
+    """Put the best weights so far back, as a stage with restore_best asks; the optimizer state carries on.
+
+    Every weight returns to its best epoch's value, a part an earlier stage
+    released since included (its optimizer state stays as trained).
+    """
+    _, epoch = best_epoch(run)
+    # A resume into another folder finds the best weights in the one it came from.
+    folders = [run.out] + ([run.resumed_from.parent] if run.resumed_from is not None else [])
+    where = f"unfreeze.stages[{run.state.stages_done}].restore_best"
+    path = find_best(folders, epoch, where)
+    run.model.load_state_dict(read_weights(path))
+    return f"; restored the best weights, of epoch {epoch} ({path.name})"
 
 
 def stage_line(model: nn.Module, epoch: int, stage: Stage, names: list[str], groups: list[dict[str, Any]]) -> str:
@@ -263,10 +263,10 @@ def run_epoch(run: Run, epoch: int) -> dict[str, float]:
     loader = run.train_loader
     sums = train_one_epoch(run.net, loader, run.optimizer, run.device, desc)
     loss_sum, correct, count = sums
-    val_loss, val_acc = evaluate(run.model, run.val_loader, run.device)
+    val_loss, val_acc = validate(run)
     run.scheduler.step()
     seconds = time.perf_counter() - started
-    return {
+    row = {
         "epoch": epoch,
         "train_loss": loss_sum / count,
         "val_loss": val_loss,
@@ -277,6 +277,12 @@ def run_epoch(run: Run, epoch: int) -> dict[str, float]:
         "images_per_s": count / seconds,
         "trainable_params": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
     }
+    return row
+
+
+def validate(run: Run) -> tuple[float, float]:
+    """Mean loss and accuracy on the val set."""
+    return evaluate(run.model, run.val_loader, run.device)
 
 
 def record(run: Run, row: dict[str, float]) -> None:
