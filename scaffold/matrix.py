@@ -63,8 +63,8 @@ DIMENSIONS: dict[str, list[Any]] = {
     "features": [
         (),
         TEACHING_FEATURES,
-        ("distributed", "compile", "lr_shaping", "plot", "mlflow", "traps"),
-        ("feature_cache", "grad_checkpointing", "amp", "export", "tensorboard", "wandb"),
+        ("distributed", "compile", "lr_shaping", "plot", "ema", "mlflow", "traps"),
+        ("feature_cache", "grad_checkpointing", "amp", "export", "tensorboard", "ema", "wandb"),
         RESEARCH_FEATURES,
     ],
 }

@@ -61,10 +61,11 @@ def test_every_optimizer_step_updates_it_and_applied_gives_the_trained_weights_b
     model(torch.ones(4, 2)).sum().backward()
     optimizer.step()
     assert ema.updates == 1
-    trained = model.weight.detach().clone()
-    with ema.applied():
-        assert torch.equal(model.weight, ema.shadow["weight"])
-    assert torch.equal(model.weight, trained)
+    trained, averaged = model.weight.detach().clone(), ema.shadow["weight"].clone()
+    with pytest.raises(RuntimeError, match="in the middle"), ema.applied():
+        assert torch.equal(model.weight, averaged)
+        raise RuntimeError("an evaluation that fails in the middle")
+    assert torch.equal(model.weight, trained) and torch.equal(ema.shadow["weight"], averaged)
 
 
 def rows(path) -> list[dict[str, str]]:
@@ -94,19 +95,23 @@ def test_a_run_reports_the_averaged_weights_every_epoch(tmp_path, ema_config, mo
 def test_a_stage_release_joins_the_average_from_its_value_then(tmp_path, ema_config, monkeypatch):
     ema_config.unfreeze.stages = [{"epoch": 1, "select": "*"}]
     frozen = [name for name, p in prepare_model(ema_config)[0].named_parameters() if not p.requires_grad]
-    joined = []
+    joined, averages = [], []
     real = EMA.add
 
     def add(self, model, names):
-        joined.append({name: p.detach().clone() for name, p in model.named_parameters() if name in names})
         real(self, model, names)
+        joined.append({name: self.shadow[name].clone() for name in names})
+        averages.append(self)
 
     monkeypatch.setattr(EMA, "add", add)
     model, _ = fitted(ema_config, tmp_path, "run", monkeypatch, epochs=2)
     assert len(joined) == 2 and sorted(joined[1]) == sorted(frozen), "the released tensors did not join at epoch 1"
     seed_everything(ema_config.train.seed)  # as fit() does: the same initial weights
     start = prepare_model(ema_config)[0].state_dict()
+    # Frozen until epoch 1, so their value at the release is the initial one.
     assert all(torch.equal(joined[1][name], start[name]) for name in frozen), "a release joined from another value"
+    shadow = averages[-1].shadow
+    assert any(not torch.equal(shadow[name], start[name]) for name in frozen), "the released tensors were not averaged"
 
 
 def test_monitor_may_name_an_ema_metric_only_with_the_average_on(config):
@@ -123,6 +128,12 @@ def test_best_holds_the_averaged_weights_when_an_ema_metric_decides(tmp_path, em
     best = read_state_dict(tmp_path / "run" / "best.pt")
     averaged = read_state_dict(tmp_path / "run" / "ema.pt")
     assert all(torch.equal(best[name], averaged[name]) for name in averaged)
+
+
+def test_a_bad_decay_is_one_line(config):
+    config.train.ema_decay = 1.0
+    with pytest.raises(ConfigError, match=r"train.ema_decay = 1.0: 0 \(off\) or a number in \(0, 1\)"):
+        check(config)
 
 
 def test_a_resume_continues_the_same_average(tmp_path, ema_config):

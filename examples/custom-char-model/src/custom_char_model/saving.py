@@ -70,7 +70,8 @@ def save(run: Run, row: dict[str, float]) -> None:
 
     Weights that are not finite are never written: the files of the last good epoch stay.
     """
-    bad = non_finite(run.model.state_dict()) + (non_finite(run.ema.shadow) if run.ema is not None else [])
+    bad = non_finite(run.model.state_dict())
+    bad += [f"the EMA of {name}" for name in non_finite(run.ema.shadow)] if run.ema is not None else []
     if bad:
         raise DivergedError(
             f"epoch {row['epoch']}: {len(bad)} tensors are not finite (first: {bad[0]}); "
@@ -140,9 +141,14 @@ def find_best(folders: list[Path], epoch: int, where: str) -> Path:
     )
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A state_dict from best.* or from a full checkpoint's model."""
-    return torch_load(path)["model"] if path.suffix == ".ckpt" else read_state_dict(path)
+def read_weights(path: Path, averaged: bool = False) -> dict[str, torch.Tensor]:
+    """A state_dict from best.* or from a full checkpoint's model (its EMA when `averaged`)."""
+    if path.suffix != ".ckpt":
+        return read_state_dict(path)
+    checkpoint = torch_load(path)
+    if averaged:
+        return {**checkpoint["model"], **checkpoint["ema"]["shadow"]}
+    return checkpoint["model"]
 
 
 def best_files(run: Run) -> list[Path]:

@@ -280,7 +280,10 @@ def restore_best(run: Run) -> str:
     where = f"unfreeze.stages[{run.state.stages_done}].restore_best"
     # Rank 0 finds and checks the file; every rank reads it.
     path = on_main(lambda: find_best(folders, epoch, where), run.world)
-    run.model.load_state_dict(read_weights(path))
+    # An _ema monitor chose the averaged weights: an epoch file holds them in its EMA.
+    run.model.load_state_dict(read_weights(path, averaged=run.config.checkpoint.monitor.endswith("_ema")))
+    if run.ema is not None:
+        run.ema.restart(run.model)  # the epochs just undone leave the average too
     return f"; restored the best weights, of epoch {epoch} ({path.name})"
 
 

@@ -5,9 +5,11 @@ tensor too, though a frozen tensor's average is the tensor itself. Here the
 average holds one shadow tensor per trainable parameter, so its memory and
 its time per step follow the trainable size: a linear probe of a ResNet-50
 averages 20 thousand numbers, not 25 million. Frozen tensors and fixed
-BatchNorm buffers are read from the model (they cannot differ), and the
-BatchNorm buffers that train are taken as the model has them: running
-statistics are an average already.
+BatchNorm buffers are read from the model (they cannot differ). BatchNorm
+statistics that train are taken as the model has them: they were gathered
+under the trained weights, not the averaged ones (timm averages them too),
+so where BatchNorm trains the averaged model is evaluated with slightly
+mismatched statistics.
 
 A parameter that an unfreeze stage releases joins the average at its
 release, starting from its value then.
@@ -63,23 +65,36 @@ class EMA:
         torch._foreach_lerp_([self.shadow[n] for n in names], [self.params[n].detach() for n in names], weight)
         self.updates += 1
 
+    @torch.no_grad()
+    def _swap(self) -> None:
+        # One tensor at a time: the memory on top is the largest tensor, not a copy of the model.
+        for name, p in self.params.items():
+            held = p.detach().clone()
+            p.copy_(self.shadow[name])
+            self.shadow[name].copy_(held)
+
     @contextmanager
     def applied(self) -> Iterator[None]:
         """The averaged weights in the model for the block (to evaluate them); the trained ones come back after."""
-        with torch.no_grad():
-            trained = {name: p.detach().clone() for name, p in self.params.items()}
-            for name, p in self.params.items():
-                p.copy_(self.shadow[name])
+        self._swap()
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, p in self.params.items():
-                    p.copy_(trained[name])
+            self._swap()  # bit for bit: each value is copied, never recomputed
 
     def weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """A plain state_dict of the averaged model: what a model built without this project loads."""
-        return {**model.state_dict(), **self.shadow}
+        state = model.state_dict()
+        first = {id(p): name for name, p in model.named_parameters()}
+        # A tied weight has one entry per name in the state_dict: each gets the average.
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if first[id(p)] in self.shadow:
+                state[name] = self.shadow[first[id(p)]]
+        return state
+
+    def restart(self, model: nn.Module) -> None:
+        """Average from the weights the model holds now (after restore_best put earlier ones back)."""
+        self.add(model, list(self.shadow))
 
     def state_dict(self) -> dict[str, Any]:
         return {"shadow": dict(self.shadow), "updates": self.updates}

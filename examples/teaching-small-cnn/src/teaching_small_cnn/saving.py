@@ -135,7 +135,10 @@ def find_best(folders: list[Path], epoch: int, where: str) -> Path:
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """A state_dict from best.* or from a full checkpoint's model."""
-    return torch_load(path)["model"] if path.suffix == ".ckpt" else read_state_dict(path)
+    if path.suffix != ".ckpt":
+        return read_state_dict(path)
+    checkpoint = torch_load(path)
+    return checkpoint["model"]
 
 
 def full_info(checkpoint: dict[str, Any]) -> dict[str, Any]:
