@@ -14,7 +14,7 @@ from resnet18_pattern import ema as ema_module
 from resnet18_pattern import train
 from resnet18_pattern.checkpoint import read_state_dict, torch_load
 from resnet18_pattern.config import ConfigError, check
-from resnet18_pattern.data import make_datasets
+from resnet18_pattern.data import DEFAULT_DATA, make_datasets
 from resnet18_pattern.ema import EMA
 from resnet18_pattern.rng import seed_everything
 from resnet18_pattern.run import prepare_model
@@ -87,7 +87,7 @@ def test_a_run_reports_the_averaged_weights_every_epoch(tmp_path, ema_config, mo
     assert all(torch.equal(trained[name].detach(), averaged[name]) for name in frozen), "a frozen tensor differs"
     # The saved average, evaluated alone, gives the logged number: it is what was measured.
     model.load_state_dict(averaged)
-    _, val_set = make_datasets("synthetic", ema_config)
+    _, val_set = make_datasets(DEFAULT_DATA, ema_config)
     loss, _ = train.evaluate(model, DataLoader(val_set, ema_config.train.batch_size), torch.device("cpu"))
     assert loss == pytest.approx(float(table[-1]["val_loss_ema"]), rel=1e-5)
 

@@ -14,7 +14,7 @@ from staged_small_cnn import ema as ema_module
 from staged_small_cnn import train
 from staged_small_cnn.checkpoint import read_state_dict, torch_load
 from staged_small_cnn.config import ConfigError, check
-from staged_small_cnn.data import make_datasets
+from staged_small_cnn.data import DEFAULT_DATA, make_datasets
 from staged_small_cnn.ema import EMA
 from staged_small_cnn.rng import seed_everything
 from staged_small_cnn.run import prepare_model
@@ -87,7 +87,7 @@ def test_a_run_reports_the_averaged_weights_every_epoch(tmp_path, ema_config, mo
     assert all(torch.equal(trained[name].detach(), averaged[name]) for name in frozen), "a frozen tensor differs"
     # The saved average, evaluated alone, gives the logged number: it is what was measured.
     model.load_state_dict(averaged)
-    _, val_set = make_datasets("synthetic", ema_config)
+    _, val_set = make_datasets(DEFAULT_DATA, ema_config)
     loss, _ = train.evaluate(model, DataLoader(val_set, ema_config.train.batch_size), torch.device("cpu"))
     assert loss == pytest.approx(float(table[-1]["val_loss_ema"]), rel=1e-5)
 
