@@ -116,7 +116,9 @@ def test_user_flow_resnet18_pattern_with_init(user_venv, render_project, tmp_pat
     for key in manifest["frozen"]:
         assert torch.equal(best[key], init[key]), key
     rows = (out / "metrics.csv").read_text().splitlines()
+    # The research default has ema: its columns are there, empty with the average off.
     header = "epoch,train_loss,val_loss,val_acc,lr,seconds,train_acc,images_per_s,trainable_params"
+    header += ",val_loss_ema,val_acc_ema"
     assert rows[0] == header and len(rows) == 3
 
     # The console script under torchrun: two gloo processes, rank 0 alone writes.
