@@ -29,13 +29,13 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.scratch import scratch_dir  # noqa: E402
 from scaffold.render import render  # noqa: E402
 
 
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="ema-bench-"))
+    root = scratch_dir("ema-bench-")
     answers = {"project_name": "bench_ema", "backbone": "resnet18", "features": ["ema"]}
     project = render(root / "project", answers, src=ROOT)
     sys.path.insert(0, str(project / "src"))

@@ -34,7 +34,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -168,9 +167,10 @@ def main() -> None:
     project = args.project
     if project is None:
         sys.path.insert(0, str(ROOT))
+        from bench.scratch import scratch_dir
         from scaffold.render import render
 
-        project = render(Path(tempfile.mkdtemp(prefix="bench-")) / "p", {"backbone": "resnet18"})
+        project = render(scratch_dir("bench-") / "p", {"backbone": "resnet18"})
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     results: dict[str, dict] = {}
     for model_name in args.models.split(","):

@@ -26,13 +26,13 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.scratch import scratch_dir  # noqa: E402
 from scaffold.render import render  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="image-check-bench-"))
+    root = scratch_dir("image-check-bench-")
     project = render(root / "project", {"project_name": "bench_images", "backbone": "resnet18"}, src=ROOT)
     sys.path.insert(0, str(project / "src"))
     data = importlib.import_module("bench_images.data")

@@ -24,13 +24,13 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.scratch import scratch_dir  # noqa: E402
 from scaffold.render import render  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--checks", type=int, default=20)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="integrity-bench-"))
+    root = scratch_dir("integrity-bench-")
     answers = {"project_name": "bench_integrity", "backbone": "resnet50", "features": []}
     project = render(root / "project", answers, src=ROOT)
     sys.path.insert(0, str(project / "src"))

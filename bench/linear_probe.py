@@ -236,10 +236,11 @@ def main() -> None:
         project = args.project
         if project is None:
             sys.path.insert(0, str(ROOT))
+            from bench.scratch import scratch_dir
             from scaffold.render import render
 
             answers = {"backbone": model_name, "freeze_by": "pattern", "bn_policy": "eval_frozen"}
-            project = render(Path(tempfile.mkdtemp(prefix="bench-")) / "p", answers)
+            project = render(scratch_dir("bench-") / "p", answers)
         by_model[model_name] = bench_model(project, options)
 
     device = f"CPU ({torch.get_num_threads()} threads)"

@@ -24,13 +24,13 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.scratch import scratch_dir  # noqa: E402
 from scaffold.render import render  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, help="loader workers for (a) (default: what predict picks)")
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="predict-bench-"))
+    root = scratch_dir("predict-bench-")
     project = render(root / "project", {"project_name": "bench_predict", "backbone": "resnet18"}, src=ROOT)
     sys.path.insert(0, str(project / "src"))
     names = ("config", "model", "data", "predict")

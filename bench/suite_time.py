@@ -17,13 +17,13 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.scratch import scratch_dir  # noqa: E402
 from scaffold.render import render  # noqa: E402
 
 RENDERS = {
@@ -55,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="suite-time-"))
+    root = scratch_dir("suite-time-")
     projects = {name: render(root / name.replace(" ", "-"), data, src=ROOT) for name, data in RENDERS.items()}
     times: dict[str, dict[str, list[float]]] = {name: {run: [] for run in RUNS} for name in RENDERS}
     for round_ in range(args.rounds):
