@@ -42,11 +42,11 @@ def expected_files(row: dict, package: str) -> set[str]:
     """The file set, derived from the answers independently of the template."""
     src = f"src/{package}"
     modules = {"__init__", "__main__", "batchnorm", "checkpoint", "cli", "config", "data", "evaluation", "freeze"}
-    modules |= {"integrity", "layers"}
+    modules |= {"integrity", "layers", "lr_find"}
     modules |= {"model", "optim", "rng", "run", "runfolder", "saving", "train", "weights"}
     tests = {"conftest", "test_batchnorm", "test_checkpoint", "test_config", "test_cuda", "test_fast", "test_feedback"}
     tests |= {"test_freeze", "test_integrity", "test_optim", "test_runfolder", "test_stages", "test_train"}
-    tests.add("test_model")
+    tests |= {"test_lr_find", "test_model"}
     for feature in row["features"]:
         modules |= FEATURE_FILES[feature][0]
         tests |= FEATURE_FILES[feature][1]

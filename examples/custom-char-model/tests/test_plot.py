@@ -48,3 +48,13 @@ def test_plot_errors_say_what_is_missing(tmp_path, monkeypatch, capsys):
     assert main(["plot", str(tmp_path)]) == 2
     assert "pip install -e '.[plot]'" in capsys.readouterr().err
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_lr_find_draws_its_curve_and_needs_matplotlib_before_writing(tmp_path, config_file, monkeypatch, capsys):
+    out = tmp_path / "lr"
+    assert main(["--config", str(config_file), "lr-find", "--out", str(out), "--steps", "12", "--end", "1"]) == 0
+    assert (out / "lr_find.png").read_bytes().startswith(PNG_MAGIC)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert main(["--config", str(config_file), "lr-find", "--out", str(tmp_path / "again")]) == 2
+    assert "pip install -e '.[plot]'" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()

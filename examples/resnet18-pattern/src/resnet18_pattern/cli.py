@@ -1,4 +1,4 @@
-"""Command line: `resnet18_pattern layers | inspect-weights | train | evaluate | predict | export | plot`."""
+"""Command line: `resnet18_pattern layers | inspect-weights | train | lr-find | evaluate | predict | export | plot`."""
 
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ from .export import FORMATS, ExportError, export, export_classes, load_export
 from .freeze import FreezeSpecError
 from .integrity import IntegrityError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
+from .lr_find import check_request, lr_find, suggest, write_rows
 from .model import PretrainedWeightsError, build_model
-from .plot import PlotError, plot_confusion, plot_run
+from .plot import PlotError, figure_class, plot_confusion, plot_lr_find, plot_run
 from .predict import format_rows, image_files, predict, predict_workers, write_predictions
 from .run import prepare_model
 from .saving import DivergedError
@@ -91,6 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     inspect.add_argument("file", help=".pt, .pth, .bin, .ckpt or .safetensors")
 
     add_train_command(commands)
+    add_lr_find_command(commands)
 
     add_inference_commands(commands)
 
@@ -147,6 +149,24 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--freeze-from", help="freeze_manifest.json of another run: its freeze state replaces the config's spec"
     )
+
+
+def add_lr_find_command(commands: argparse._SubParsersAction) -> None:
+    lr = commands.add_parser(
+        "lr-find", help="a learning-rate range test over the param groups train would use; it changes nothing"
+    )
+    lr.add_argument("--out", required=True, help="folder for lr_find.csv and lr_find.png (not a run folder)")
+    lr.add_argument("--data", default=DEFAULT_DATA)
+    lr.add_argument("--init", help="weights to start from, as train --init")
+    lr.add_argument("--freeze-from", help="freeze_manifest.json of another run, as train --freeze-from")
+    lr.add_argument(
+        "--stage", type=int, default=0, help="test the groups once the first K unfreeze stages started (default 0)"
+    )
+    lr.add_argument("--start", type=float, default=1e-7, help="the first lr (default 1e-7)")
+    lr.add_argument("--end", type=float, default=10.0, help="the last lr, unless the loss blows up first (default 10)")
+    lr.add_argument("--steps", type=at_least_one, default=100, help="batches, one per lr (default 100)")
+    lr.add_argument("--device")
+    lr.add_argument("--overwrite", action="store_true", help="replace the lr_find.csv that --out holds")
 
 
 def cmd_layers(args: argparse.Namespace, config: Config) -> int:
@@ -222,6 +242,35 @@ def fit_together(config: Config | None, out: str | None, options: dict) -> None:
         finished = True
     finally:
         stop(wait=finished)
+
+
+def cmd_lr_find(args: argparse.Namespace, config: Config) -> int:
+    out = Path(args.out)
+    check_request(out, args.start, args.end, args.steps, args.overwrite)
+    figure_class()  # matplotlib is there, before anything is written
+    model, state = prepare_model(
+        config,
+        init=args.init,
+        pretrained=config.model.pretrained and args.init is None,
+        freeze_from=args.freeze_from,
+    )
+    train_set, _ = make_datasets(args.data, config)
+    sweep_range = (args.start, args.end, args.steps)
+    test = lr_find(model, state, config, train_set, pick_device(args.device), args.stage, sweep_range)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [write_rows(out / "lr_find.csv", test.rows)]
+    suggestion, why = suggest(test.rows)
+    written.append(plot_lr_find(test.rows, suggestion, out / "lr_find.png"))
+    tensors = sum(len(group["params"]) for group in test.groups)
+    print(f"lr-find at stage {args.stage}: {len(test.rows)} steps, {len(test.groups)} groups of {tensors} tensors")
+    print(f"stopped: {test.stopped}")
+    if suggestion is None:
+        print(f"no suggestion: {why}")
+    else:
+        print(f"suggested train.lr = {suggestion:.2e}, {why}; to train with it:")
+        print(f"  resnet18_pattern --set train.lr={suggestion:.2e} train --out RUN")
+    print("wrote " + ", ".join(str(path) for path in written))
+    return 0
 
 
 def cmd_inspect_weights(args: argparse.Namespace, config: Config) -> int:
@@ -368,6 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "layers": cmd_layers,
         "inspect-weights": cmd_inspect_weights,
         "train": cmd_train,
+        "lr-find": cmd_lr_find,
         "evaluate": cmd_evaluate,
         "predict": cmd_predict,
         "export": cmd_export,

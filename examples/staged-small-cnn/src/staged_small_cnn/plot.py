@@ -1,4 +1,4 @@
-"""`staged_small_cnn plot DIR`: a run's loss and accuracy per epoch, drawn to DIR/curves.png."""
+"""`staged_small_cnn plot DIR`: a run's loss and accuracy per epoch, drawn to DIR/curves.png; lr-find's curve."""
 
 from __future__ import annotations
 
@@ -89,6 +89,29 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> P
         for (i, j), count in zip(itertools.product(range(n), range(n)), confusion.flatten().tolist(), strict=True):
             axes.text(j, i, str(count), ha="center", va="center", fontsize=8)
     figure.colorbar(image, ax=axes)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    return path
+
+
+def plot_lr_find(rows: list[dict[str, float]], suggestion: float | None, path: Path) -> Path:
+    """lr-find's loss against the lr (log scale), raw and smoothed, the suggestion marked."""
+    Figure = figure_class()
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    axes = figure.subplots()
+    lrs = [row["lr"] for row in rows]
+    axes.plot(lrs, [row["loss"] for row in rows], alpha=0.3, label="loss")
+    axes.plot(lrs, [row["smoothed_loss"] for row in rows], label="smoothed")
+    if suggestion is not None:
+        axes.axvline(suggestion, color="grey", linestyle="--", label=f"suggested {suggestion:.2e}")
+    axes.set_xscale("log")
+    # The blow-up at the end would flatten the part worth reading.
+    lowest = min(row["smoothed_loss"] for row in rows)
+    axes.set_ylim(min(row["loss"] for row in rows) * 0.9, max(2 * lowest, rows[0]["smoothed_loss"] * 1.1))
+    axes.set_xlabel("learning rate")
+    axes.set_ylabel("training loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
     return path

@@ -1,4 +1,4 @@
-"""Command line: `teaching_small_cnn layers | inspect-weights | train | evaluate | predict | traps`."""
+"""Command line: `teaching_small_cnn layers | inspect-weights | train | lr-find | evaluate | predict | traps`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from .evaluation import confusion_matrix, finite_or_null, report, write_report
 from .freeze import FreezeSpecError
 from .integrity import IntegrityError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
+from .lr_find import check_request, lr_find, suggest, write_rows
 from .model import build_model
 from .predict import format_rows, image_files, predict, predict_workers, write_predictions
 from .run import prepare_model
@@ -85,6 +86,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     inspect.add_argument("file", help=".pt, .pth, .bin, .ckpt or .safetensors")
 
     add_train_command(commands)
+    add_lr_find_command(commands)
 
     add_inference_commands(commands)
 
@@ -134,6 +136,24 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--freeze-from", help="freeze_manifest.json of another run: its freeze state replaces the config's spec"
     )
+
+
+def add_lr_find_command(commands: argparse._SubParsersAction) -> None:
+    lr = commands.add_parser(
+        "lr-find", help="a learning-rate range test over the param groups train would use; it changes nothing"
+    )
+    lr.add_argument("--out", required=True, help="folder for lr_find.csv (not a run folder)")
+    lr.add_argument("--data", default=DEFAULT_DATA)
+    lr.add_argument("--init", help="weights to start from, as train --init")
+    lr.add_argument("--freeze-from", help="freeze_manifest.json of another run, as train --freeze-from")
+    lr.add_argument(
+        "--stage", type=int, default=0, help="test the groups once the first K unfreeze stages started (default 0)"
+    )
+    lr.add_argument("--start", type=float, default=1e-7, help="the first lr (default 1e-7)")
+    lr.add_argument("--end", type=float, default=10.0, help="the last lr, unless the loss blows up first (default 10)")
+    lr.add_argument("--steps", type=at_least_one, default=100, help="batches, one per lr (default 100)")
+    lr.add_argument("--device")
+    lr.add_argument("--overwrite", action="store_true", help="replace the lr_find.csv that --out holds")
 
 
 def cmd_layers(args: argparse.Namespace, config: Config) -> int:
@@ -199,6 +219,32 @@ def signals_unwind() -> Iterator[list[int]]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def cmd_lr_find(args: argparse.Namespace, config: Config) -> int:
+    out = Path(args.out)
+    check_request(out, args.start, args.end, args.steps, args.overwrite)
+    model, state = prepare_model(
+        config,
+        init=args.init,
+        freeze_from=args.freeze_from,
+    )
+    train_set, _ = make_datasets(args.data, config)
+    sweep_range = (args.start, args.end, args.steps)
+    test = lr_find(model, state, config, train_set, pick_device(args.device), args.stage, sweep_range)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [write_rows(out / "lr_find.csv", test.rows)]
+    suggestion, why = suggest(test.rows)
+    tensors = sum(len(group["params"]) for group in test.groups)
+    print(f"lr-find at stage {args.stage}: {len(test.rows)} steps, {len(test.groups)} groups of {tensors} tensors")
+    print(f"stopped: {test.stopped}")
+    if suggestion is None:
+        print(f"no suggestion: {why}")
+    else:
+        print(f"suggested train.lr = {suggestion:.2e}, {why}; to train with it:")
+        print(f"  teaching_small_cnn --set train.lr={suggestion:.2e} train --out RUN")
+    print("wrote " + ", ".join(str(path) for path in written))
+    return 0
 
 
 def cmd_inspect_weights(args: argparse.Namespace, config: Config) -> int:
@@ -325,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "layers": cmd_layers,
         "inspect-weights": cmd_inspect_weights,
         "train": cmd_train,
+        "lr-find": cmd_lr_find,
         "evaluate": cmd_evaluate,
         "predict": cmd_predict,
         "traps": cmd_traps,
