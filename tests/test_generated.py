@@ -124,7 +124,7 @@ def test_user_flow_resnet18_pattern_with_init(user_venv, render_project, tmp_pat
     # lr-find from the same init, beside the run: its curve, and the run left alone.
     before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
     lr_find = [demo, "lr-find", "--init", str(tmp_path / "init.pt"), "--out", str(tmp_path / "runs" / "lr")]
-    proc = subprocess.run([*lr_find, "--steps", "10", "--end", "1"], capture_output=True, text=True, env=env)
+    proc = subprocess.run([*lr_find, "--steps", "20", "--end", "1"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "runs" / "lr" / "lr_find.csv").is_file() and (tmp_path / "runs" / "lr" / "lr_find.png").is_file()
     assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before

@@ -52,7 +52,7 @@ def test_plot_errors_say_what_is_missing(tmp_path, monkeypatch, capsys):
 
 def test_lr_find_draws_its_curve_and_needs_matplotlib_before_writing(tmp_path, config_file, monkeypatch, capsys):
     out = tmp_path / "lr"
-    assert main(["--config", str(config_file), "lr-find", "--out", str(out), "--steps", "12", "--end", "1"]) == 0
+    assert main(["--config", str(config_file), "lr-find", "--out", str(out), "--steps", "20", "--end", "1"]) == 0
     assert (out / "lr_find.png").read_bytes().startswith(PNG_MAGIC)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     assert main(["--config", str(config_file), "lr-find", "--out", str(tmp_path / "again")]) == 2

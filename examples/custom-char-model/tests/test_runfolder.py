@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import child_env, shrink, to_toml
 
+from custom_char_model import run as run_module
 from custom_char_model.checkpoint import CheckpointError, RunFiles, read_state_dict
 from custom_char_model.cli import main
 from custom_char_model.config import load_config
@@ -252,3 +253,28 @@ def test_sigterm_mid_run_stops_cleanly_and_the_run_resumes(tmp_path, small):
     expected = torch.load(straight / "last.ckpt", weights_only=True)["model"]
     for key, value in expected.items():
         assert torch.equal(resumed[key], value), key
+
+
+class UploadCutShort:
+    """Trackers whose last upload a Ctrl-C interrupts, as a slow network lets a second Ctrl-C do."""
+
+    def sync(self, history: list) -> None:
+        pass
+
+    def file(self, path: object) -> None:
+        pass
+
+    def close(self, files: object, failed: bool) -> None:
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_during_the_trackers_last_upload_says_the_run_is_whole(tmp_path, small, monkeypatch, capsys):
+    monkeypatch.setattr(run_module, "open_trackers", lambda *args: UploadCutShort())
+    (tmp_path / "c.toml").write_text(to_toml(small))
+    out = tmp_path / "run"
+    assert main(["--config", str(tmp_path / "c.toml"), "train", "--out", str(out), "--epochs", "1"]) == 130
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("stopped after epoch 0, whose files are intact") and line.endswith("was cut short"), line
+    monkeypatch.undo()
+    # The lock went with the run: the folder takes a new one.
+    assert main(["--config", str(tmp_path / "c.toml"), "train", "--out", str(out), "--epochs", "1", "--overwrite"]) == 0

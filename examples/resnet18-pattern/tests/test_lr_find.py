@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_stages import stage_plan
 
+from resnet18_pattern import lr_find as lr_find_module
 from resnet18_pattern.checkpoint import read_state_dict
 from resnet18_pattern.cli import main
 from resnet18_pattern.config import load_config
@@ -19,7 +20,12 @@ from resnet18_pattern.lr_find import lr_find, suggest
 from resnet18_pattern.run import prepare_model
 from resnet18_pattern.train import fit
 
-SWEEP = (1e-5, 1.0, 12)
+try:
+    import numpy as np
+except ImportError:  # torch runs without numpy; then there is no numpy RNG to keep
+    np = None
+
+SWEEP = (1e-5, 1.0, 20)
 
 
 def test_the_model_its_freeze_state_and_every_rng_are_left_as_they_were(config):
@@ -31,6 +37,7 @@ def test_the_model_its_freeze_state_and_every_rng_are_left_as_they_were(config):
     random.seed(7)
     torch.manual_seed(7)
     python, torch_state = random.getstate(), torch.get_rng_state()
+    numpy = np.random.get_state() if np is not None else None
 
     test = lr_find(model, state, config, train_set, torch.device("cpu"), 0, SWEEP)
 
@@ -40,6 +47,28 @@ def test_the_model_its_freeze_state_and_every_rng_are_left_as_they_were(config):
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     assert (state.frozen, state.bn_modes) == (frozen, modes)
     assert random.getstate() == python and torch.equal(torch.get_rng_state(), torch_state)
+    if np is not None:
+        after_numpy = np.random.get_state()
+        assert after_numpy[0] == numpy[0] and (after_numpy[1] == numpy[1]).all() and after_numpy[2:] == numpy[2:]
+
+
+def test_every_group_runs_at_the_swept_lr_times_its_own_lr_mult(config, monkeypatch):
+    stage_plan(config)
+    model, state = prepare_model(config)
+    train_set, _ = make_datasets(DEFAULT_DATA, config)
+    built = []
+
+    def keep(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    real = lr_find_module.make_optimizer
+    monkeypatch.setattr(lr_find_module, "make_optimizer", keep)
+    test = lr_find(model, state, config, train_set, torch.device("cpu"), 1, SWEEP)
+    last = test.rows[-1]["lr"]
+    mults = [group["lr_mult"] for group in built[0].param_groups]
+    assert len(set(mults)) > 1, "the stage's groups should have their own lr_mult"
+    assert [group["lr"] for group in built[0].param_groups] == pytest.approx([last * mult for mult in mults])
 
 
 def test_stage_k_tests_the_groups_a_run_has_once_its_first_k_stages_started(config):
@@ -59,7 +88,7 @@ def test_stage_k_tests_the_groups_a_run_has_once_its_first_k_stages_started(conf
 def test_a_train_after_lr_find_is_bit_identical_to_one_without_it(tmp_path, config, config_file):
     cli = ["--config", str(config_file)]
     assert main([*cli, "train", "--out", str(tmp_path / "alone"), "--epochs", "1"]) == 0
-    assert main([*cli, "lr-find", "--out", str(tmp_path / "lr"), "--steps", "12", "--end", "1"]) == 0
+    assert main([*cli, "lr-find", "--out", str(tmp_path / "lr"), "--steps", "20", "--end", "1"]) == 0
     assert main([*cli, "train", "--out", str(tmp_path / "after"), "--epochs", "1"]) == 0
     name = "best.safetensors"
     alone, after = read_state_dict(tmp_path / "alone" / name), read_state_dict(tmp_path / "after" / name)
@@ -109,16 +138,25 @@ def test_bad_flags_and_a_run_folder_are_refused_before_anything_is_written(tmp_p
     assert not (tmp_path / "a").exists()
     assert "--stage 9: the config has" in capsys.readouterr().err
 
+    (tmp_path / "a-file").write_text("")
+    assert main([*cli, "--out", str(tmp_path / "a-file" / "lr")]) == 2
+    assert "a-file is a file" in capsys.readouterr().err
+
     run = tmp_path / "run"
     fit(config, run, epochs=1, device="cpu")
     before = sorted(path.name for path in run.iterdir())
-    assert main([*cli, "--out", str(run)]) == 2
-    assert "holds a training run" in capsys.readouterr().err
+    for out in (run, run / "lr"):
+        assert main([*cli, "--out", str(out)]) == 2
+        assert "holds a training run" in capsys.readouterr().err
     assert sorted(path.name for path in run.iterdir()) == before
 
     (tmp_path / "lr").mkdir()
     (tmp_path / "lr" / "lr_find.csv").write_text("an earlier curve\n")
-    assert main([*cli, "--out", str(tmp_path / "lr"), "--steps", "10"]) == 2
+    assert main([*cli, "--out", str(tmp_path / "lr"), "--steps", "20"]) == 2
     assert (tmp_path / "lr" / "lr_find.csv").read_text() == "an earlier curve\n"
-    assert main([*cli, "--out", str(tmp_path / "lr"), "--steps", "10", "--overwrite"]) == 0
+    assert main([*cli, "--out", str(tmp_path / "lr"), "--steps", "20", "--overwrite"]) == 0
     assert (tmp_path / "lr" / "lr_find.csv").read_text().startswith("step,lr,loss,smoothed_loss")
+
+    # Nor does a run go where a curve is: the folder would hold two things.
+    assert main(["--config", str(config_file), "train", "--out", str(tmp_path / "lr"), "--epochs", "1"]) == 2
+    assert "holds lr-find's lr_find.csv" in capsys.readouterr().err

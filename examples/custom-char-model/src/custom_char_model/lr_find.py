@@ -19,6 +19,7 @@ import copy
 import csv
 import io
 import math
+import os
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -33,8 +34,8 @@ from tqdm import tqdm
 from .checkpoint import atomic_write
 from .config import Config, ConfigError
 from .freeze import FreezeState, parse_stages, unfreeze_stage
-from .optim import make_optimizer, param_groups, trainable_names
-from .runfolder import run_files
+from .optim import lr_factor, make_optimizer, param_groups, trainable_names
+from .runfolder import LR_FIND_FILES, run_files
 from .saving import DivergedError
 
 try:
@@ -43,6 +44,9 @@ except ImportError:  # torch runs without numpy; then there is no numpy RNG to k
     np = None
 
 COLUMNS = ("step", "lr", "loss", "smoothed_loss")
+Sweep = tuple[float, float, int]  # the first lr, the last, and the steps between
+MANIFEST_FILE = "freeze_manifest.json"  # every run writes it before its first epoch
+MIN_STEPS = 20  # the first tenth is skipped and a slope needs 10 points
 SMOOTHING = 0.8  # weight of the past in the loss's moving average: about 5 batches, so little lag
 DIVERGED = 4.0  # the test stops once the smoothed loss is this many times its lowest
 FELL = 0.95  # below this fraction of its first value, the loss has fallen enough to read a slope
@@ -55,18 +59,33 @@ class RangeTest:
     groups: list[dict[str, Any]] = field(default_factory=list)
 
 
-def check_request(out: Path, start: float, end: float, steps: int, overwrite: bool) -> None:
+def check_request(out: Path, sweep_range: Sweep, stage: int, config: Config, overwrite: bool) -> None:
     """Every flag, before a model is built or a file written."""
+    start, end, steps = sweep_range
     if not (0 < start < end < math.inf):
-        raise ConfigError(f"--start {start:g} --end {end:g}: the range needs 0 < start < end")
-    if steps < 10:
-        raise ConfigError(f"--steps {steps}: at least 10, to have a slope to suggest from")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; lr-find writes a folder")
-    if run_files(out):
-        raise ConfigError(f"--out {out} holds a training run; lr-find writes beside runs, never into one")
-    if (out / "lr_find.csv").exists() and not overwrite:
-        raise ConfigError(f"--out {out} already holds lr_find.csv: pass another folder, or --overwrite to replace it")
+        raise ConfigError(f"--start {start:g} --end {end:g}: the range needs 0 < start < end, both finite")
+    if steps < MIN_STEPS:
+        raise ConfigError(f"--steps {steps}: at least {MIN_STEPS}, to leave a slope to suggest from")
+    stages = len(config.unfreeze.stages)
+    if not 0 <= stage <= stages:
+        raise ConfigError(f"--stage {stage}: the config has {stages} unfreeze stages; pick 0 to {stages}")
+    # Above --out only a run's own record counts: a project folder has a config.toml too.
+    runs = [out] if run_files(out) else [folder for folder in out.parents if (folder / MANIFEST_FILE).exists()]
+    if runs:
+        raise ConfigError(f"--out {out}: {runs[0]} holds a training run; lr-find writes beside runs, never into one")
+    existing = next(folder for folder in (out, *out.parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ConfigError(f"--out {out}: {existing} is {'read-only' if existing.is_dir() else 'a file'}")
+    earlier = [name for name in LR_FIND_FILES if (out / name).exists()]
+    if earlier and not overwrite:
+        raise ConfigError(f"--out {out} already holds {earlier[0]}: pass another folder, or --overwrite to replace it")
+
+
+def schedule_factor(config: Config, stage: int) -> float:
+    """What the cosine schedule gives of train.lr at the epoch stage `stage` starts (1 at the run's start)."""
+    stages = parse_stages(config.unfreeze.stages)
+    epoch = stages[stage - 1].epoch if stage else 0
+    return lr_factor(config.train.epochs, 0, 0)(epoch)
 
 
 @contextlib.contextmanager
@@ -87,7 +106,7 @@ def staged_groups(model: nn.Module, state: FreezeState, config: Config, stage: i
     """The param groups of a run once its first `stage` unfreeze stages have started (0: at its start)."""
     stages = parse_stages(config.unfreeze.stages)
     if not 0 <= stage <= len(stages):
-        raise ConfigError(f"--stage {stage}: the config has {len(stages)} unfreeze stages; pick 0 to {len(stages)}")
+        raise ValueError(f"stage {stage}: the config has {len(stages)} unfreeze stages")
     groups = param_groups(model, config, trainable_names(model), "trainable")
     for next_stage in stages[:stage]:
         names = unfreeze_stage(model, state, next_stage, config.freeze.bn_modes, next_stage.epoch)
@@ -105,7 +124,7 @@ def lr_find(
     train_set: Dataset,
     device: torch.device,
     stage: int = 0,
-    sweep_range: tuple[float, float, int] = (1e-7, 10.0, 100),
+    sweep_range: Sweep = (1e-7, 10.0, 100),
 ) -> RangeTest:
     """The range test on a copy of `model`; `model`, `state` and every RNG are left as they were."""
     with rngs_kept():
@@ -131,7 +150,7 @@ def sweep(
     optimizer: torch.optim.Optimizer,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
-    sweep_range: tuple[float, float, int],
+    sweep_range: Sweep,
 ) -> tuple[list[dict[str, float]], str]:
     """Train one batch per lr, rising from start to end; stop when the loss blows up."""
     start, end, steps = sweep_range
@@ -177,7 +196,7 @@ def suggest(rows: list[dict[str, float]]) -> tuple[float | None, str]:
     x = [math.log10(row["lr"]) for row in points]
     y = [row["smoothed_loss"] for row in points]
     slopes = [(y[i + 1] - y[i - 1]) / (x[i + 1] - x[i - 1]) for i in range(1, len(points) - 1)]
-    return points[1 + min(range(len(slopes)), key=slopes.__getitem__)]["lr"], "where the smoothed loss falls fastest"
+    return points[1 + min(range(len(slopes)), key=slopes.__getitem__)]["lr"], "the steepest fall"
 
 
 def write_rows(path: Path, rows: list[dict[str, float]]) -> Path:

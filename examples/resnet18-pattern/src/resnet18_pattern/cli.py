@@ -1,10 +1,15 @@
-"""Command line: `resnet18_pattern layers | inspect-weights | train | lr-find | evaluate | predict | export | plot`."""
+"""The command line of resnet18_pattern.
+
+Commands: layers, inspect-weights, train, lr-find, evaluate, predict, export, plot.
+`resnet18_pattern COMMAND --help` says more.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import shlex
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -31,10 +36,11 @@ from .export import FORMATS, ExportError, export, export_classes, load_export
 from .freeze import FreezeSpecError
 from .integrity import IntegrityError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
-from .lr_find import check_request, lr_find, suggest, write_rows
+from .lr_find import check_request, lr_find, rngs_kept, schedule_factor, suggest, write_rows
 from .model import PretrainedWeightsError, build_model
 from .plot import PlotError, figure_class, plot_confusion, plot_lr_find, plot_run
 from .predict import format_rows, image_files, predict, predict_workers, write_predictions
+from .rng import seed_everything
 from .run import prepare_model
 from .saving import DivergedError
 from .train import Stopped, fit
@@ -164,8 +170,8 @@ def add_lr_find_command(commands: argparse._SubParsersAction) -> None:
     )
     lr.add_argument("--start", type=float, default=1e-7, help="the first lr (default 1e-7)")
     lr.add_argument("--end", type=float, default=10.0, help="the last lr, unless the loss blows up first (default 10)")
-    lr.add_argument("--steps", type=at_least_one, default=100, help="batches, one per lr (default 100)")
-    lr.add_argument("--device")
+    lr.add_argument("--steps", type=at_least_one, default=100, help="batches, one per lr (default 100, at least 20)")
+    lr.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     lr.add_argument("--overwrite", action="store_true", help="replace the lr_find.csv that --out holds")
 
 
@@ -245,18 +251,20 @@ def fit_together(config: Config | None, out: str | None, options: dict) -> None:
 
 
 def cmd_lr_find(args: argparse.Namespace, config: Config) -> int:
-    out = Path(args.out)
-    check_request(out, args.start, args.end, args.steps, args.overwrite)
+    out, sweep_range = Path(args.out), (args.start, args.end, args.steps)
+    check_request(out, sweep_range, args.stage, config, args.overwrite)
+    device = pick_device(args.device)
     figure_class()  # matplotlib is there, before anything is written
-    model, state = prepare_model(
-        config,
-        init=args.init,
-        pretrained=config.model.pretrained and args.init is None,
-        freeze_from=args.freeze_from,
-    )
+    with rngs_kept():
+        seed_everything(config.train.seed)  # the model train starts from: a new head's draw included
+        model, state = prepare_model(
+            config,
+            init=args.init,
+            pretrained=config.model.pretrained and args.init is None,
+            freeze_from=args.freeze_from,
+        )
     train_set, _ = make_datasets(args.data, config)
-    sweep_range = (args.start, args.end, args.steps)
-    test = lr_find(model, state, config, train_set, pick_device(args.device), args.stage, sweep_range)
+    test = lr_find(model, state, config, train_set, device, args.stage, sweep_range)
     out.mkdir(parents=True, exist_ok=True)
     written = [write_rows(out / "lr_find.csv", test.rows)]
     suggestion, why = suggest(test.rows)
@@ -267,10 +275,26 @@ def cmd_lr_find(args: argparse.Namespace, config: Config) -> int:
     if suggestion is None:
         print(f"no suggestion: {why}")
     else:
-        print(f"suggested train.lr = {suggestion:.2e}, {why}; to train with it:")
-        print(f"  resnet18_pattern --set train.lr={suggestion:.2e} train --out RUN")
+        print(suggestion_lines(args, config, suggestion))
     print("wrote " + ", ".join(str(path) for path in written))
     return 0
+
+
+def suggestion_lines(args: argparse.Namespace, config: Config, suggestion: float) -> str:
+    """The suggested train.lr, and the train command that uses it with this lr-find's own options."""
+    factor = schedule_factor(config, args.stage)
+    lr = suggestion / factor
+    lines = [f"the smoothed loss falls fastest at lr {suggestion:.2e}"]
+    if args.stage:
+        lines.append(f"at stage {args.stage}'s start the schedule gives x{factor:.2f} of train.lr")
+    lines.append(f"suggested train.lr = {lr:.2e}, at most; a fine-tune of pretrained weights often wants less:")
+    command = ["resnet18_pattern", *(["--config", args.config] if args.config else [])]
+    command += [part for option in args.set if not option.startswith("train.lr=") for part in ("--set", option)]
+    command += ["--set", f"train.lr={lr:.2e}", "train", "--out", "RUN"]
+    for flag, value in (("--data", args.data), ("--init", args.init), ("--freeze-from", args.freeze_from)):
+        if value is not None and value != DEFAULT_DATA:
+            command += [flag, value]
+    return "\n".join(lines) + "\n  " + shlex.join(command)
 
 
 def cmd_inspect_weights(args: argparse.Namespace, config: Config) -> int:

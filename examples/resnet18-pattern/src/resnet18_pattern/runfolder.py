@@ -27,6 +27,8 @@ RUN_FILES = re.compile(
 )
 # What the trackers keep in the folder: the old run's go with --overwrite.
 STORES = ("tensorboard",)
+# What lr-find writes: a folder holding them is not a run's.
+LR_FIND_FILES = ("lr_find.csv", "lr_find.png")
 # atomic_path's temp files: .NAME.RANDOM.tmp
 TEMP_FILE = re.compile(r"^\..+\.tmp$")
 
@@ -37,6 +39,9 @@ def run_files(folder: Path) -> list[str]:
 
 def check_free(folder: Path, *, resuming: bool, overwrite: bool) -> None:
     """Refuse a folder that holds another run, before anything is written."""
+    curve = [name for name in LR_FIND_FILES if (folder / name).exists()]
+    if curve:
+        raise ConfigError(f"{folder} holds lr-find's {curve[0]}; a run folder holds one run: pass another --out")
     found = run_files(folder)
     if found and not resuming and not overwrite:
         shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")

@@ -194,6 +194,9 @@ def end_run(run: Run, finished: bool) -> None:
     try:
         if run.trackers is not None:
             run.trackers.close(best_files(run), failed=not finished)
+    except KeyboardInterrupt:
+        # A second Ctrl-C during the trackers' last upload: the run folder is whole all the same.
+        raise Stopped(f"{stopped_line(run)}; the trackers' last upload was cut short") from None
     finally:
         if run.lock is not None:
             run.lock.close()
