@@ -9,6 +9,9 @@ import torch
 from conftest import pretrained_like, to_toml, torchrun
 
 from staged_small_cnn.checkpoint import RunFiles, read_state_dict
+from staged_small_cnn.data import DEFAULT_DATA, make_datasets
+from staged_small_cnn.lr_find import lr_find
+from staged_small_cnn.run import prepare_model
 from staged_small_cnn.train import fit
 
 
@@ -21,6 +24,18 @@ def test_cuda_run_with_amp_keeps_frozen_tensors(tmp_path, config):
     final = read_state_dict(tmp_path / "run" / "last.ckpt")
     for name in manifest["frozen"]:
         assert torch.equal(final[name].cpu(), init[name]), name
+
+
+@pytest.mark.cuda
+def test_lr_find_on_cuda_puts_back_the_cuda_generator(config):
+    model, state = prepare_model(config)
+    train_set, _ = make_datasets(DEFAULT_DATA, config)
+    torch.cuda.manual_seed_all(11)
+    before = torch.cuda.get_rng_state_all()
+    test = lr_find(model, state, config, train_set, torch.device("cuda"), 0, (1e-5, 1.0, 20))
+    assert len(test.rows) >= 2
+    assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), before, strict=True))
+    assert all(p.device.type == "cpu" for p in model.parameters()), "lr-find moved the caller's model"
 
 
 @pytest.mark.cuda
