@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import to_toml
 from test_stages import stage_plan
 
 from staged_small_cnn import lr_find as lr_find_module
@@ -135,8 +136,12 @@ def test_bad_flags_and_a_run_folder_are_refused_before_anything_is_written(tmp_p
     cli = ["--config", str(config_file), "lr-find"]
     assert main([*cli, "--out", str(tmp_path / "a"), "--start", "1", "--end", "0.1"]) == 2
     assert main([*cli, "--out", str(tmp_path / "a"), "--stage", "9"]) == 2
-    assert not (tmp_path / "a").exists()
     assert "--stage 9: the config has" in capsys.readouterr().err
+    config.unfreeze.stages = [{"epoch": config.train.epochs, "select": "*"}]
+    (tmp_path / "late.toml").write_text(to_toml(config))
+    assert main(["--config", str(tmp_path / "late.toml"), "lr-find", "--out", str(tmp_path / "a"), "--stage", "1"]) == 2
+    assert "after the run's last" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
 
     (tmp_path / "a-file").write_text("")
     assert main([*cli, "--out", str(tmp_path / "a-file" / "lr")]) == 2

@@ -66,9 +66,12 @@ def check_request(out: Path, sweep_range: Sweep, stage: int, config: Config, ove
         raise ConfigError(f"--start {start:g} --end {end:g}: the range needs 0 < start < end, both finite")
     if steps < MIN_STEPS:
         raise ConfigError(f"--steps {steps}: at least {MIN_STEPS}, to leave a slope to suggest from")
-    stages = len(config.unfreeze.stages)
-    if not 0 <= stage <= stages:
-        raise ConfigError(f"--stage {stage}: the config has {stages} unfreeze stages; pick 0 to {stages}")
+    stages = parse_stages(config.unfreeze.stages)
+    if not 0 <= stage <= len(stages):
+        raise ConfigError(f"--stage {stage}: the config has {len(stages)} unfreeze stages; pick 0 to {len(stages)}")
+    if stage and stages[stage - 1].epoch >= config.train.epochs:
+        epoch, epochs = stages[stage - 1].epoch, config.train.epochs
+        raise ConfigError(f"--stage {stage} starts at epoch {epoch}, after the run's last (train.epochs = {epochs})")
     # Above --out only a run's own record counts: a project folder has a config.toml too.
     runs = [out] if run_files(out) else [folder for folder in out.parents if (folder / MANIFEST_FILE).exists()]
     if runs:
