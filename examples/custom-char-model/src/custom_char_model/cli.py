@@ -33,12 +33,12 @@ from .export import FORMATS, ExportError, export
 from .freeze import FreezeSpecError
 from .integrity import IntegrityError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
-from .lr_find import check_request, lr_find, rngs_kept, schedule_factor, suggest, write_rows
+from .lr_find import COLUMNS, check_request, lr_find, schedule_factor, suggest
 from .model import build_model
 from .plot import PlotError, figure_class, plot_confusion, plot_lr_find, plot_run
-from .rng import seed_everything
+from .rng import rngs_kept, seed_everything
 from .run import prepare_model
-from .saving import DivergedError
+from .saving import DivergedError, write_csv
 from .train import Stopped, fit
 from .weights import inspect_weights, plan_load
 
@@ -248,7 +248,7 @@ def cmd_lr_find(args: argparse.Namespace, config: Config) -> int:
     train_set, _ = make_datasets(args.data, config)
     test = lr_find(model, state, config, train_set, device, args.stage, sweep_range)
     out.mkdir(parents=True, exist_ok=True)
-    written = [write_rows(out / "lr_find.csv", test.rows)]
+    written = [write_csv(out / "lr_find.csv", COLUMNS, test.rows)]
     suggestion, why = suggest(test.rows)
     written.append(plot_lr_find(test.rows, suggestion, out / "lr_find.png"))
     tensors = sum(len(group["params"]) for group in test.groups)

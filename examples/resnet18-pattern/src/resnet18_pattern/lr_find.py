@@ -14,13 +14,9 @@ the optimizer and the groups, not on the precision or the compiler.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import csv
-import io
 import math
 import os
-import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,17 +27,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
-from .checkpoint import atomic_write
 from .config import Config, ConfigError
 from .freeze import FreezeState, parse_stages, unfreeze_stage
 from .optim import lr_factor, make_optimizer, param_groups, trainable_names
+from .rng import rngs_kept
 from .runfolder import LR_FIND_FILES, run_files
 from .saving import DivergedError
-
-try:
-    import numpy as np
-except ImportError:  # torch runs without numpy; then there is no numpy RNG to keep
-    np = None
 
 COLUMNS = ("step", "lr", "loss", "smoothed_loss")
 Sweep = tuple[float, float, int]  # the first lr, the last, and the steps between
@@ -89,20 +80,6 @@ def schedule_factor(config: Config, stage: int) -> float:
     stages = parse_stages(config.unfreeze.stages)
     epoch = stages[stage - 1].epoch if stage else 0
     return lr_factor(config.train.epochs, 0, 0)(epoch)
-
-
-@contextlib.contextmanager
-def rngs_kept() -> Iterator[None]:
-    """Run the block, then put back the Python, numpy and torch (CPU and CUDA) generators."""
-    python = random.getstate()
-    numpy = np.random.get_state() if np is not None else None
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-        try:
-            yield
-        finally:
-            random.setstate(python)
-            if numpy is not None:
-                np.random.set_state(numpy)
 
 
 def staged_groups(model: nn.Module, state: FreezeState, config: Config, stage: int) -> list[dict[str, Any]]:
@@ -200,12 +177,3 @@ def suggest(rows: list[dict[str, float]]) -> tuple[float | None, str]:
     y = [row["smoothed_loss"] for row in points]
     slopes = [(y[i + 1] - y[i - 1]) / (x[i + 1] - x[i - 1]) for i in range(1, len(points) - 1)]
     return points[1 + min(range(len(slopes)), key=slopes.__getitem__)]["lr"], "the steepest fall"
-
-
-def write_rows(path: Path, rows: list[dict[str, float]]) -> Path:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
-    return path

@@ -1,8 +1,13 @@
-"""Every random number generator a training step draws from: seeding, and saving them for an exact resume."""
+"""Every random number generator a training step draws from: seeding, and keeping them across lr-find.
+
+Saved in full checkpoints too, for an exact resume.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,6 +25,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if np is not None:
         np.random.seed(seed)
+
+
+@contextlib.contextmanager
+def rngs_kept() -> Iterator[None]:
+    """Run the block, then put back the Python, numpy and torch (CPU and CUDA) generators."""
+    python = random.getstate()
+    numpy = np.random.get_state() if np is not None else None
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            if numpy is not None:
+                np.random.set_state(numpy)
 
 
 def rng_state() -> dict[str, Any]:

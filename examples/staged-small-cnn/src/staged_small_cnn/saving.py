@@ -60,11 +60,17 @@ def write_json(path: Path, obj: Any) -> None:
 def write_metrics(path: Path, history: list[dict[str, float]]) -> None:
     # Rewritten whole from the history each epoch, so a resumed run never
     # holds rows from epochs it went back over.
+    write_csv(path, METRIC_COLUMNS, history)
+
+
+def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, float]]) -> Path:
+    """`rows` under a header of `columns`, written atomically (a missing key is an empty cell)."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(history)
+    writer.writerows(rows)
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+    return path
 
 
 def save(run: Run, row: dict[str, float]) -> None:
