@@ -56,7 +56,7 @@ DIMENSIONS: dict[str, list[Any]] = {
         "timm",
         "custom",
     ],
-    "freeze_by": ["backbone", "name", "index", "pattern", "none"],
+    "freeze_by": ["backbone", "name", "index", "pattern", "none", "lora"],
     "bn_policy": ["train", "eval_frozen", "eval_all", "replace_frozen"],
     "checkpoint_formats": [("state_dict",), ("safetensors",), ("full",), ("state_dict", "safetensors", "full")],
     "unfreeze_at_epoch": [0, 1],
@@ -85,6 +85,9 @@ def is_valid(row: dict[str, Any]) -> bool:
     if row["freeze_by"] == "none":
         # Nothing frozen: no BN inside frozen parts, nothing to unfreeze.
         return row["bn_policy"] in ("train", "eval_all") and row["unfreeze_at_epoch"] == 0
+    if row["freeze_by"] == "lora":
+        # unfreeze_at_epoch is not asked: the base stays frozen.
+        return row["unfreeze_at_epoch"] == 0
     return True
 
 
@@ -123,7 +126,7 @@ def answers(row: dict[str, Any]) -> dict[str, Any]:
     defaults are rendered too.
     """
     data = {**row, "checkpoint_formats": list(row["checkpoint_formats"]), "features": list(row["features"])}
-    if row["freeze_by"] == "none":
+    if row["freeze_by"] in ("none", "lora"):
         del data["unfreeze_at_epoch"]
     if row["features"] in ((), TEACHING_FEATURES):
         data["profile"] = "teaching"

@@ -31,6 +31,15 @@ EXAMPLES = {
         "bn_policy": "replace_frozen",
         "checkpoint_formats": ["safetensors", "full"],
     },
+    # LoRA adapters on resnet18's last two stages, the core only: what freeze_by = lora adds.
+    "lora-resnet18": {
+        "project_name": "lora-resnet18",
+        "backbone": "resnet18",
+        "freeze_by": "lora",
+        "profile": "teaching",
+        "features": [],
+        "checkpoint_formats": ["state_dict", "safetensors", "full"],
+    },
 }
 
 

@@ -45,6 +45,15 @@ def init_files(tmp_path_factory) -> dict[str, Path]:
     return {"dir": tmp_path_factory.mktemp("init")}
 
 
+def init_weights(init_files: dict[str, Path], backbone: str, build) -> dict[str, torch.Tensor]:
+    """The backbone's shared weights file (a seeded `build()`'s, made on first use), loaded."""
+    if backbone not in init_files:
+        torch.manual_seed(0)
+        init_files[backbone] = init_files["dir"] / f"{backbone}.pt"
+        torch.save(build().state_dict(), init_files[backbone])
+    return torch.load(init_files[backbone], weights_only=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("freeze_by", FREEZE_BY)
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -54,11 +63,7 @@ def test_every_backbone_trains_an_epoch_with_each_freeze_kind(tmp_path, init_fil
     project = render(tmp_path / package, {**answers, "checkpoint_formats": ["state_dict"]}, src=ROOT)
     config = tiny_config(project, package)
     model_module = import_rendered(project, package, "model")
-    if backbone not in init_files:
-        torch.manual_seed(0)
-        init_files[backbone] = init_files["dir"] / f"{backbone}.pt"
-        torch.save(model_module.build_model(config).state_dict(), init_files[backbone])
-    init = torch.load(init_files[backbone], weights_only=True)
+    init = init_weights(init_files, backbone, lambda: model_module.build_model(config))
     if backbone not in EXTRA_ANSWERS:  # the facts copier.yml holds (and the matrix reads) are the model's
         assert backbone_facts(backbone)["has_bn"] == any(key.endswith(".running_mean") for key in init)
 
@@ -85,6 +90,45 @@ def test_every_backbone_trains_an_epoch_with_each_freeze_kind(tmp_path, init_fil
         assert sorted(manifest["frozen"]) == ["fc1.bias", "fc1.weight", "fc3.bias", "fc3.weight"]
     rows = (out / "metrics.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[0].startswith("epoch,train_loss")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_every_backbone_trains_lora_adapters_and_best_pt_is_the_merged_model(tmp_path, init_files, backbone):
+    """freeze_by=lora with the backbone's default target: the base stays bit-identical, best.pt is the merge."""
+    package = f"lora_{backbone}"
+    answers = {"project_name": package, "backbone": backbone, "freeze_by": "lora", **EXTRA_ANSWERS.get(backbone, {})}
+    project = render(tmp_path / package, {**answers, "checkpoint_formats": ["state_dict"]}, src=ROOT)
+    config = tiny_config(project, package)
+    model_module, lora = import_rendered(project, package, "model"), import_rendered(project, package, "lora")
+    run = import_rendered(project, package, "run")
+    init = init_weights(init_files, backbone, lambda: model_module.build_model(config))
+    out = tmp_path / "run"
+    import_rendered(project, package, "train").fit(config, out, epochs=1, init=init_files[backbone], device="cpu")
+
+    adapted, state = run.prepare_model(config, init=init_files[backbone])
+    names = lora.adapted(adapted)
+    assert names, "the default target adapted nothing"
+    lora.load_adapter(adapted, out / lora.ADAPTER_FILE)
+    best = torch.load(out / "best.pt", weights_only=True)
+    merged = {f"{name}.weight" for name in names}
+    head = model_module.HEAD + "."
+    training_bn = {f"{layer}.{stat}" for layer, mode in state.bn_modes.items() if mode == "train" for stat in STATS}
+    for key, value in init.items():
+        if key in merged:
+            assert not torch.equal(best[key], value), f"{key}: the adapter's update is not in best.pt"
+        elif not key.startswith(head) and key not in training_bn:
+            assert torch.equal(best[key], value), f"{key} is frozen but moved"
+    # A model built without peft, from best.pt, computes what the adapted model does.
+    plain = model_module.build_model(config)
+    plain.load_state_dict(best)
+    x = import_rendered(project, package, "data").example_inputs(config, 2)
+    adapted.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), adapted(x), rtol=1e-4, atol=1e-4)
+
+
+STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 # One model of each family the timm defaults know, smallest first.

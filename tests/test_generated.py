@@ -48,6 +48,20 @@ SUBSET = {
         "unfreeze_at_epoch": 1,
     },
     "resnet18-backbone-eval_frozen": {"backbone": "resnet18", "checkpoint_formats": ["state_dict", "safetensors"]},
+    # LoRA on Conv2d (resnet18, with the features that read its names) and on the custom character
+    # model's Linears under torchrun; the ViTs below.
+    "resnet18-lora-all-formats": {
+        "backbone": "resnet18",
+        "freeze_by": "lora",
+        "checkpoint_formats": ["state_dict", "safetensors", "full"],
+        "features": ["ema", "lr_shaping", "export"],
+    },
+    "custom-lora-distributed": {
+        "backbone": "custom",
+        "freeze_by": "lora",
+        "checkpoint_formats": ["safetensors", "full"],
+        "features": ["distributed"],
+    },
 }
 
 
@@ -56,6 +70,24 @@ SUBSET = {
 def test_generated_suite_passes_on_cpu(render_project, name):
     project = render_project(name, **SUBSET[name])
     proc = run_tests(project, ["-x"])
+    assert proc.returncode == 0, failure_report(proc)
+    assert " passed" in proc.stdout.splitlines()[-1]
+
+
+# LoRA on ViTs' Linears: torchvision's (its MLPs; MultiheadAttention is left out) and timm's (attention and MLP).
+VITS = {
+    "vit_b_16": {"backbone": "vit_b_16", "checkpoint_formats": ["safetensors", "full"]},
+    "timm": {"backbone": "timm", "timm_model": "vit_tiny_patch16_224", "checkpoint_formats": ["state_dict", "full"]},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(VITS))
+def test_a_vits_lora_tests_pass_on_cpu(render_project, name):
+    """test_lora and test_resume only: the rest of a ViT-B's suite takes tens of minutes on a CPU and
+    checks nothing LoRA-specific that the resnet18 and custom suites above do not."""
+    project = render_project(f"{name}-lora", freeze_by="lora", profile="teaching", features=[], **VITS[name])
+    proc = run_tests(project, ["-x", "tests/test_lora.py", "tests/test_resume.py"])
     assert proc.returncode == 0, failure_report(proc)
     assert " passed" in proc.stdout.splitlines()[-1]
 

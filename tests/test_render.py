@@ -69,6 +69,8 @@ def expected_files(row: dict, package: str) -> set[str]:
         files |= {"tests/test_data.py", "tests/test_predict.py", f"{src}/predict.py"}
     if "full" in row["checkpoint_formats"]:
         files.add("tests/test_resume.py")
+    if row["freeze_by"] == "lora":
+        files |= {f"{src}/lora.py", "tests/test_lora.py"}
     return files
 
 
@@ -129,7 +131,10 @@ def test_options_not_chosen_leave_no_code(renders):
         saving = (src / "saving.py").read_text()
         checkpoint = (src / "checkpoint.py").read_text()
         config = (src / "config.toml").read_text()
-        assert ("safetensors_bytes" in saving) == ("safetensors" in formats) == ("def safetensors_bytes" in checkpoint)
+        # A LoRA run writes best_adapter.safetensors beside whatever best.* it writes.
+        adapter = row["freeze_by"] == "lora" and bool({"state_dict", "safetensors"} & set(formats))
+        safetensors = "safetensors" in formats or adapter
+        assert ("safetensors_bytes" in saving) == safetensors == ("def safetensors_bytes" in checkpoint)
         assert ('"best.pt"' in saving) == ("state_dict" in formats)
         assert ("last.ckpt" in saving) == ("full" in formats) == ("def find_resumable" in checkpoint)
         for name in ("train.py", "run.py"):
@@ -137,13 +142,19 @@ def test_options_not_chosen_leave_no_code(renders):
         assert ("keep_last_k" in config) == ("full" in formats) == ("--resume" in (src / "cli.py").read_text())
         typed = (src / "config.py").read_text()
         assert ("monitor" in config) == bool({"state_dict", "safetensors"} & set(formats)) == ("monitor:" in typed)
-        assert ("\n[[unfreeze.stages]]" in config) == bool(row["unfreeze_at_epoch"] and row["freeze_by"] != "none")
+        staged = row["unfreeze_at_epoch"] and row["freeze_by"] not in ("none", "lora")
+        assert ("\n[[unfreeze.stages]]" in config) == bool(staged)
         policy = (src / "freeze.py").read_text()
         assert ("in_frozen" in policy) == (row["bn_policy"] != "train"), "the train policy needs no part test"
         deps = (project / "pyproject.toml").read_text().split("[project.optional-dependencies]")[0]
         torchvision = row["backbone"] not in ("small_cnn", "timm", "custom")
         assert ('"torchvision>=' in deps) == torchvision, "torchvision only for torchvision backbones"
         assert ('"timm>=' in deps) == (row["backbone"] == "timm"), "timm only for timm"
+        lora = row["freeze_by"] == "lora"
+        assert ('"peft>=' in deps) == lora, "peft only where LoRA is chosen"
+        assert ("\n[lora]" in config) == lora == ("peft" in (src / "layers.py").read_text())
+        adapter_file = lora and bool({"state_dict", "safetensors"} & set(formats))
+        assert ("best_adapter" in (project / "README.md").read_text()) == adapter_file
 
 
 # What each feature leaves in a render that has it, and never in one without:
