@@ -47,14 +47,14 @@ SUBSET = {
         "checkpoint_formats": ["state_dict", "full"],
         "unfreeze_at_epoch": 1,
     },
-    "resnet18-backbone-eval_frozen": {"backbone": "resnet18", "checkpoint_formats": ["state_dict", "safetensors"]},
-    # LoRA on Conv2d (resnet18, with the features that read its names) and on the custom character
-    # model's Linears under torchrun; the ViTs below.
+    # LoRA on Conv2d (resnet18, with the features that read its names; its linear probe, lora.target = [],
+    # runs the feature cache on a real backbone) and on the custom character model's Linears under
+    # torchrun; the ViTs below.
     "resnet18-lora-all-formats": {
         "backbone": "resnet18",
         "freeze_by": "lora",
         "checkpoint_formats": ["state_dict", "safetensors", "full"],
-        "features": ["ema", "lr_shaping", "export"],
+        "features": ["ema", "lr_shaping", "export", "feature_cache"],
     },
     "custom-lora-distributed": {
         "backbone": "custom",
@@ -90,6 +90,20 @@ def test_a_vits_lora_tests_pass_on_cpu(render_project, name):
     proc = run_tests(project, ["-x", "tests/test_lora.py", "tests/test_resume.py"])
     assert proc.returncode == 0, failure_report(proc)
     assert " passed" in proc.stdout.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_the_lora_readme_example_reloads_the_adapter_file_a_run_wrote(render_project):
+    """The README's Python block, pasted as is after its quick start's `train --out runs/a`."""
+    project = render_project("lora-readme", project_name="lora-readme", freeze_by="lora", features=[])
+    env = {**os.environ, "PYTHONPATH": str(project / "src"), "CI": "true"}
+    train = [sys.executable, "-m", "lora_readme", "train", "--epochs", "1", "--out", "runs/a", "--device", "cpu"]
+    subprocess.run(train, cwd=project, env=env, check=True, capture_output=True)
+    readme = (project / "README.md").read_text()
+    block = readme.split("### LoRA adapters")[1].split("```python\n")[1].split("```")[0]
+    check = "\nassert sum(p.abs().sum().item() for n, p in model.named_parameters() if '.lora_B.' in n) > 0\n"
+    proc = subprocess.run([sys.executable, "-c", block + check], cwd=project, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def failure_report(proc: subprocess.CompletedProcess) -> str:

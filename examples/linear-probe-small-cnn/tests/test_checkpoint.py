@@ -277,7 +277,8 @@ def test_every_file_a_run_writes_is_recorded_and_reloads_safely(tmp_path, config
     for name, entry in manifest.items():
         data = (out / name).read_bytes()
         assert entry["sha256"] == hashlib.sha256(data).hexdigest() and entry["size"] == len(data)
-        assert entry["torch"] == torch.__version__ and entry["format"] in {"state_dict", "safetensors", "full"}
+        assert entry["torch"] == torch.__version__
+        assert entry["format"] in {"state_dict", "safetensors", "full"}
         assert isinstance(entry["epoch"], int) and all(isinstance(v, float) for v in entry["metric"].values())
         if name.endswith(".safetensors"):
             state = read_state_dict(out / name)

@@ -117,7 +117,8 @@ def save(run: Run, row: dict[str, float]) -> None:
 def save_best(run: Run, epoch: int, monitor: str, value: float) -> None:
     info = {"epoch": epoch, "metric": {monitor: value}}
     # An _ema metric was measured on the averaged weights: they are the best.
-    weights = run.ema.weights(run.model) if monitor.endswith("_ema") else run.model.state_dict()
+    averaged = monitor.endswith("_ema")
+    weights = run.ema.weights(run.model) if averaged else run.model.state_dict()
     run.files.save("best.pt", torch_bytes(weights), {**info, "format": "state_dict"})
 
 

@@ -119,8 +119,8 @@ def save(run: Run, row: dict[str, float]) -> None:
 def save_best(run: Run, epoch: int, monitor: str, value: float) -> None:
     info = {"epoch": epoch, "metric": {monitor: value}}
     # An _ema metric was measured on the averaged weights: they are the best.
-    weights = run.ema.weights(run.model) if monitor.endswith("_ema") else run.model.state_dict()
-    run.files.save("best.pt", torch_bytes(weights), {**info, "format": "state_dict"})
+    averaged = monitor.endswith("_ema")
+    weights = run.ema.weights(run.model) if averaged else run.model.state_dict()
     # safetensors metadata is str -> str.
     metadata = {
         "epoch": str(epoch),
@@ -128,6 +128,7 @@ def save_best(run: Run, epoch: int, monitor: str, value: float) -> None:
         "config_sha256": config_hash(run.config.to_dict()),
         "classes": json.dumps(run.classes),
     }
+    run.files.save("best.pt", torch_bytes(weights), {**info, "format": "state_dict"})
     run.files.save("best.safetensors", safetensors_bytes(weights, metadata), {**info, "format": "safetensors"})
 
 

@@ -109,7 +109,6 @@ def save(run: Run, row: dict[str, float]) -> None:
 def save_best(run: Run, epoch: int, monitor: str, value: float) -> None:
     info = {"epoch": epoch, "metric": {monitor: value}}
     weights = run.model.state_dict()
-    run.files.save("best.pt", torch_bytes(weights), {**info, "format": "state_dict"})
     # safetensors metadata is str -> str.
     metadata = {
         "epoch": str(epoch),
@@ -117,6 +116,7 @@ def save_best(run: Run, epoch: int, monitor: str, value: float) -> None:
         "config_sha256": config_hash(run.config.to_dict()),
         "classes": json.dumps(run.classes),
     }
+    run.files.save("best.pt", torch_bytes(weights), {**info, "format": "state_dict"})
     run.files.save("best.safetensors", safetensors_bytes(weights, metadata), {**info, "format": "safetensors"})
 
 

@@ -1,0 +1,391 @@
+"""The command line of lora_resnet18.
+
+Commands: layers, inspect-weights, train, lr-find, evaluate, predict.
+`lora_resnet18 COMMAND --help` says more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shlex
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .checkpoint import CheckpointError, read_classes, read_state_dict, verify_in_run
+from .config import Config, ConfigError, load_config
+from .data import (
+    DEFAULT_DATA,
+    DataError,
+    class_names,
+    make_datasets,
+    numbered_classes,
+    saved_split,
+)
+from .evaluation import confusion_matrix, finite_or_null, report, write_report
+from .freeze import FreezeSpecError
+from .integrity import IntegrityError
+from .layers import format_layer_table, layer_table, parse_spec, spec_report
+from .lr_find import COLUMNS, check_request, lr_find, schedule_factor, suggest
+from .model import PretrainedWeightsError, build_model
+from .predict import format_rows, image_files, predict, predict_workers, write_predictions
+from .rng import rngs_kept, seed_everything
+from .run import pick_device, prepare_model
+from .saving import DivergedError, write_csv
+from .train import Stopped, fit
+from .weights import inspect_weights, plan_load
+
+# A spec in this model's own names, for --help.
+SPEC_EXAMPLE = "layer2, !fc"
+# Errors that mean "your input is wrong": printed as one line, exit status 2.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    FreezeSpecError,
+    DivergedError,
+    IntegrityError,
+    PretrainedWeightsError,
+)
+
+
+def at_least_one(text: str) -> int:
+    """A count (epochs, images): a whole number >= 1 (argparse names the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora_resnet18", description=__doc__)
+    parser.add_argument("--config", help="TOML file overriding the packaged config.toml")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one key after --config; the value is TOML (--set train.lr=3e-4); repeatable",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    layers = commands.add_parser("layers", help="list children, modules and parameters with their freeze state")
+    layers.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    layers.add_argument(
+        "--spec",
+        action="append",
+        metavar="SELECTORS",
+        help=f"dry run: what these selectors match (comma-separated; repeatable), e.g. --spec '{SPEC_EXAMPLE}'",
+    )
+
+    inspect = commands.add_parser("inspect-weights", help="plan loading a weights file as --init would, load nothing")
+    inspect.add_argument("file", help=".pt, .pth, .bin, .ckpt or .safetensors")
+
+    add_train_command(commands)
+    add_lr_find_command(commands)
+
+    add_inference_commands(commands)
+    return parser
+
+
+def add_inference_commands(commands: argparse._SubParsersAction) -> None:
+    """evaluate and predict: what saved weights do."""
+    ev = commands.add_parser("evaluate", help="loss and accuracy of saved weights")
+    source = ev.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", help="best.pt, best.safetensors or last.ckpt")
+    source.add_argument("--run", help="a run folder: its best weights and, without --config, its config.toml")
+    ev.add_argument("--data", default=DEFAULT_DATA)
+    ev.add_argument("--device")
+    ev.add_argument("--out", help="folder to write per_class.csv and confusion.csv into")
+
+    pr = commands.add_parser("predict", help="classify image files or folders with saved weights")
+    pr.add_argument(
+        "--weights",
+        required=True,
+        help="best.pt, best.safetensors or last.ckpt; class names come with it",
+    )
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="an image file, or a folder searched recursively")
+    pr.add_argument("--top-k", type=at_least_one, default=1, help="the K most probable classes of each image")
+    pr.add_argument("--out", help="write a CSV (path,rank,label,probability) instead of the table")
+    pr.add_argument("--batch-size", type=at_least_one, help="images per batch (default: train.batch_size)")
+    pr.add_argument("--device")
+
+
+def add_train_command(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser("train", help="fine-tune and write a run folder")
+    train.add_argument("--out", help="run folder to write (default with --resume: the resumed run's folder)")
+    train.add_argument("--epochs", type=at_least_one, help="total epochs (default: train.epochs in the config)")
+    train.add_argument("--data", default=DEFAULT_DATA, help="'synthetic', or a folder (train/ and val/, or classes)")
+    train.add_argument("--init", help="weights to start from (.pt, .pth, .bin, .ckpt, .safetensors)")
+    train.add_argument(
+        "--resume", help="a run folder (its newest checkpoint that matches checkpoints.json) or one full checkpoint"
+    )
+    train.add_argument("--stop-after", type=at_least_one, help="stop this invocation after N epochs")
+    train.add_argument(
+        "--overwrite", action="store_true", help="delete the run that --out holds and start over (never mixes two runs)"
+    )
+    train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    train.add_argument(
+        "--freeze-from", help="freeze_manifest.json of another run: its freeze state replaces the config's spec"
+    )
+
+
+def add_lr_find_command(commands: argparse._SubParsersAction) -> None:
+    lr = commands.add_parser(
+        "lr-find", help="a learning-rate range test over the param groups train would use; it changes nothing"
+    )
+    lr.add_argument("--out", required=True, help="folder for lr_find.csv (not a run folder)")
+    lr.add_argument("--data", default=DEFAULT_DATA)
+    lr.add_argument("--init", help="weights to start from, as train --init")
+    lr.add_argument("--freeze-from", help="freeze_manifest.json of another run, as train --freeze-from")
+    lr.add_argument(
+        "--stage", type=int, default=0, help="test the groups once the first K unfreeze stages started (default 0)"
+    )
+    lr.add_argument("--start", type=float, default=1e-7, help="the first lr (default 1e-7)")
+    lr.add_argument("--end", type=float, default=10.0, help="the last lr, unless the loss blows up first (default 10)")
+    lr.add_argument("--steps", type=at_least_one, default=100, help="batches, one per lr (default 100, at least 20)")
+    lr.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    lr.add_argument("--overwrite", action="store_true", help="replace the lr_find.csv that --out holds")
+
+
+def cmd_layers(args: argparse.Namespace, config: Config) -> int:
+    if args.spec:
+        # A dry run on the plain model: only what the selectors match, nothing applied.
+        print(spec_report(build_model(config), parse_spec(args.spec)))
+        return 0
+    try:
+        model, _ = prepare_model(config)
+        problem = None
+    except USER_ERRORS as err:
+        # Show the table anyway: it is what the user needs to fix the spec.
+        model, problem = build_model(config), err
+    table = layer_table(model)
+    print(json.dumps(table, indent=2) if args.json else format_layer_table(table))
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, config: Config) -> int:
+    # A resume trains on with the config its checkpoint saved; a --config or
+    # --set given now is checked against it.
+    resumed_config = None if args.resume is not None and args.config is None else config
+    options = {
+        "data": args.data,
+        "epochs": args.epochs,
+        "init": args.init,
+        "resume": args.resume,
+        "overrides": args.set,
+        "stop_after": args.stop_after,
+        "device": args.device,
+        "freeze_from": args.freeze_from,
+        "overwrite": args.overwrite,
+    }
+    with signals_unwind() as received:
+        try:
+            fit(resumed_config, args.out, **options)
+        except KeyboardInterrupt as err:
+            line = str(err) if isinstance(err, Stopped) else "stopped before training began; nothing was written"
+            print(line, file=sys.stderr)
+            # The shell's codes for a death by the signal: 130 for Ctrl-C, 143 for SIGTERM.
+            return 128 + (received[-1] if received else signal.SIGINT)
+    return 0
+
+
+@contextlib.contextmanager
+def signals_unwind() -> Iterator[list[int]]:
+    """SIGTERM (a job scheduler's stop) unwinds like Ctrl-C, so no save is left half-written.
+
+    Yields the signals received; the previous handlers come back afterwards.
+    """
+    received: list[int] = []
+
+    def interrupt(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def cmd_lr_find(args: argparse.Namespace, config: Config) -> int:
+    out, sweep_range = Path(args.out), (args.start, args.end, args.steps)
+    check_request(out, sweep_range, args.stage, config, args.overwrite)
+    device = pick_device(args.device)
+    with rngs_kept():
+        seed_everything(config.train.seed)  # the model train starts from: a new head's draw included
+        model, state = prepare_model(
+            config,
+            init=args.init,
+            pretrained=config.model.pretrained and args.init is None,
+            freeze_from=args.freeze_from,
+        )
+    train_set, _ = make_datasets(args.data, config)
+    test = lr_find(model, state, config, train_set, device, args.stage, sweep_range)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [write_csv(out / "lr_find.csv", COLUMNS, test.rows)]
+    suggestion, why = suggest(test.rows)
+    tensors = sum(len(group["params"]) for group in test.groups)
+    print(f"lr-find at stage {args.stage}: {len(test.rows)} steps, {len(test.groups)} groups of {tensors} tensors")
+    print(f"stopped: {test.stopped}")
+    if suggestion is None:
+        print(f"no suggestion: {why}")
+    else:
+        print(suggestion_lines(args, config, suggestion))
+    print("wrote " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def suggestion_lines(args: argparse.Namespace, config: Config, suggestion: float) -> str:
+    """The suggested train.lr, and the train command that uses it with this lr-find's own options."""
+    factor = schedule_factor(config, args.stage)
+    lr = suggestion / factor
+    lines = [f"the smoothed loss falls fastest at lr {suggestion:.2e}"]
+    if args.stage:
+        lines.append(f"at stage {args.stage}'s start the schedule gives x{factor:.2f} of train.lr")
+    lines.append(f"suggested train.lr = {lr:.2e}, at most; a fine-tune of pretrained weights often wants less:")
+    command = ["lora_resnet18", *(["--config", args.config] if args.config else [])]
+    command += [part for option in args.set if not option.startswith("train.lr=") for part in ("--set", option)]
+    command += ["--set", f"train.lr={lr:.2e}", "train", "--out", "RUN"]
+    for flag, value in (("--data", args.data), ("--init", args.init), ("--freeze-from", args.freeze_from)):
+        if value is not None and value != DEFAULT_DATA:
+            command += [flag, value]
+    return "\n".join(lines) + "\n  " + shlex.join(command)
+
+
+def cmd_inspect_weights(args: argparse.Namespace, config: Config) -> int:
+    plan = inspect_weights(build_model(config), args.file, config.init)
+    print(plan.format())
+    minimum = config.init.min_loaded_fraction
+    refusal = plan.refusal(minimum)
+    if refusal is not None:
+        print(f"train --init would refuse this file: {refusal}")
+        return 2
+    print(f"train --init would accept this file ({plan.fraction():.0%} >= init.min_loaded_fraction = {minimum})")
+    return 0
+
+
+def trained_model(weights: str, config: Config) -> nn.Module:
+    """The plain model (no freezing, plain BatchNorm) with every tensor from `weights`.
+
+    A file in a run folder must match its checkpoints.json, as a resume's must.
+    """
+    check_run_config(weights, config)
+    verify_in_run(weights)
+    model = build_model(config)
+    plan = plan_load(model, read_state_dict(weights), weights, remap=[], first_n=0)
+    if plan.missing or plan.unexpected or plan.mismatched:
+        raise CheckpointError(f"{weights} does not fit this model: {plan.summary()}")
+    model.load_state_dict(plan.tensors)
+    return model
+
+
+def check_run_config(weights: str, config: Config) -> None:
+    """Weights run as they were trained: the model and input size of the run's config.toml, if it has one."""
+    saved_file = Path(weights).parent / "config.toml"
+    if not saved_file.is_file():
+        return
+    saved = load_config(saved_file)
+    keys = [("model", key) for key in vars(config.model) if key != "pretrained"] + [("train", "image_size")]
+    for section, key in keys:
+        old, new = getattr(getattr(saved, section), key), getattr(getattr(config, section), key)
+        if old != new:
+            raise ConfigError(
+                f"{weights} was trained with {section}.{key} = {old!r}, this config has {new!r}; "
+                f"pass --config {saved_file}"
+            )
+
+
+def run_weights(run: Path) -> Path:
+    """The weights `evaluate --run` reads: the best file, else the last checkpoint."""
+    for name in ("best.safetensors", "best.pt", "last.ckpt"):
+        if (run / name).is_file():
+            return run / name
+    raise ConfigError(f"--run {run}: no best.safetensors, best.pt or last.ckpt there")
+
+
+def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
+    device = pick_device(args.device)
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a file; evaluate writes a folder of reports")
+    if args.run is not None:
+        args.weights = str(run_weights(Path(args.run)))
+        if args.config is None:
+            config = load_config(Path(args.run) / "config.toml", args.set)
+    model = trained_model(args.weights, config)
+    # A one-folder dataset validates on the split the weights were trained with.
+    _, val_set = make_datasets(args.data, config, saved_split(Path(args.weights).parent, args.data))
+    saved, names = read_classes(args.weights), class_names(val_set, config.model.num_classes)
+    if saved is not None and saved != names:
+        raise DataError(f"{args.weights} was trained on the classes {saved}; --data {args.data} has {names}")
+    loader = DataLoader(val_set, batch_size=config.train.batch_size)
+    k = 5 if len(names) > 5 else 1  # top-5 where there are more than 5 classes; else top-1, the accuracy
+    confusion, loss, top_k = confusion_matrix(model.to(device), loader, device, k)
+    result = {"weights": args.weights, **report(confusion, names, loss, k, top_k)}
+    if args.out is not None:
+        written = write_report(Path(args.out), result, confusion, names)
+        result["files"] = [str(path) for path in written]
+    print(json.dumps(finite_or_null(result), allow_nan=False))
+    return 0
+
+
+def weights_classes(weights: str, config: Config) -> list[str]:
+    """The class names a weights file carries (or class_0, ...), as many as the model has outputs."""
+    classes = read_classes(weights) or numbered_classes(config.model.num_classes)
+    if len(classes) != config.model.num_classes:
+        raise CheckpointError(f"{weights} names {len(classes)} classes; the model has {config.model.num_classes}")
+    return classes
+
+
+def cmd_predict(args: argparse.Namespace, config: Config) -> int:
+    device = pick_device(args.device)
+    if args.out is not None and not Path(args.out).parent.is_dir():
+        raise ConfigError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
+    model, classes = trained_model(args.weights, config).to(device).eval(), weights_classes(args.weights, config)
+    if args.top_k > len(classes):
+        raise ConfigError(f"--top-k {args.top_k}: the model has {len(classes)} classes")
+    files = image_files(args.paths)
+    workers = predict_workers(config.train.num_workers)
+    batch = args.batch_size or config.train.batch_size
+    rows, skipped = predict(model, files, classes, config.train.image_size, args.top_k, batch, device, workers)
+    if args.out:
+        write_predictions(Path(args.out), rows)
+        print(f"wrote {args.out}: {len(files) - len(skipped)} images, top {args.top_k} each")
+    else:
+        print(format_rows(rows))
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    # 1: the answers are there, but not for every image asked about.
+    return 1 if skipped else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    commands = {
+        "layers": cmd_layers,
+        "inspect-weights": cmd_inspect_weights,
+        "train": cmd_train,
+        "lr-find": cmd_lr_find,
+        "evaluate": cmd_evaluate,
+        "predict": cmd_predict,
+    }
+    try:
+        config = load_config(args.config, args.set)
+        return commands[args.command](args, config)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,304 @@
+"""The run configuration: typed sections, loaded from config.toml and checked once.
+
+The packaged config.toml holds every key with its default and a comment; a
+user's file overlays it. The classes below say what type each key takes, and
+check() says which values are allowed. A key that is not here is an error
+naming the closest real key (a typo must never become a setting that is
+silently ignored), and every bad value is one line naming the key, the value
+and what is allowed, before anything is built or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import tomllib
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+# A freeze selector: a name, glob, "re:", "idx:", "param_idx:" or "type:" string, or a child position.
+Selector = str | int
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int
+    pretrained: bool
+
+
+@dataclass
+class FreezeConfig:
+    keep_trainable: list[Selector]
+    bn_modes: dict[str, str]
+
+
+@dataclass
+class LoraConfig:
+    # Selectors of the region whose Linear, Conv and Embedding modules get adapters (lora.targets).
+    target: list[Selector]
+    rank: int
+    alpha: float
+    dropout: float
+
+
+@dataclass
+class UnfreezeConfig:
+    # Each stage is a table of epoch, select, lr_mult and warmup_epochs; freeze.parse_stages reads them.
+    stages: list[dict[str, Any]]
+
+
+@dataclass
+class TrainConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    no_decay_norm_bias: bool
+    seed: int
+    image_size: int
+    num_workers: int | Literal["auto"]
+
+
+@dataclass
+class DataConfig:
+    augment: bool
+    bad_images: Literal["error", "skip"]
+    synthetic_train_size: int
+    synthetic_val_size: int
+    val_fraction: float
+
+
+@dataclass
+class InitConfig:
+    min_loaded_fraction: float
+    remap: list[list[str]]
+    first_n: int
+
+
+@dataclass
+class CheckpointConfig:
+    monitor: Literal["val_acc", "val_loss", "train_loss"]
+    mode: Literal["max", "min"]
+    keep_last_k: int
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    freeze: FreezeConfig
+    lora: LoraConfig
+    unfreeze: UnfreezeConfig
+    train: TrainConfig
+    data: DataConfig
+    init: InitConfig
+    checkpoint: CheckpointConfig
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain data, as checkpoints store it and config.toml spells it."""
+        return dataclasses.asdict(self)
+
+
+# Keys that moved: a file written for an older version of this project gets
+# told where the setting lives now instead of a bare "unknown key".
+MOVED = {
+    "freeze.unfreeze_at_epoch": "[[unfreeze.stages]] epoch = N, select = <what to release>",
+    "freeze.unfreeze_lr_mult": "lr_mult in its [[unfreeze.stages]] table",
+}
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """The packaged defaults, overlaid with the file at `path`, then `overrides`; typed and checked.
+
+    An override is "section.key=value" (`--set` on the command line).
+    """
+    tables = _read(resources.files(__package__).joinpath("config.toml").read_text(), "the packaged config.toml")
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        _overlay(tables, _read(text, str(path)), str(path))
+    apply_overrides(tables, overrides)
+    # A bad value names its key; the file is worth naming when it is the only source.
+    where = f"{path}: " if path is not None and not overrides else ""
+    try:
+        config = from_dict(tables)
+        check(config)
+    except ConfigError as err:
+        raise ConfigError(f"{where}{err}") from None
+    return config
+
+
+def _read(text: str, name: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{name}: {err}") from None
+
+
+def _overlay(tables: dict[str, Any], user: dict[str, Any], where: str) -> None:
+    """The user's keys over the defaults; a section or key the defaults lack is an error."""
+    for section, values in user.items():
+        if section not in tables or not isinstance(values, dict):
+            raise ConfigError(f"{where}: unknown section [{section}]{_near(section, tables)}")
+        for key, value in values.items():
+            if f"{section}.{key}" in MOVED:
+                raise ConfigError(f"{where}: {section}.{key} moved; write {MOVED[f'{section}.{key}']}")
+            if key not in tables[section]:
+                raise ConfigError(f"{where}: unknown key {section}.{key}{_near(key, tables[section])}")
+            tables[section][key] = value
+
+
+def apply_overrides(tables: dict[str, Any], overrides: Sequence[str]) -> None:
+    """Each "section.key=value" over `tables`, in order.
+
+    The value is read as TOML (3e-4, true, ["layer1"], { "layer4" = "eval" });
+    text that is not a TOML value is taken as a string, so
+    checkpoint.monitor=val_loss needs no quotes.
+    """
+    for text in overrides:
+        name, equals, raw = text.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not equals or not dot or not section or not key:
+            raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set train.lr=3e-4")
+        try:
+            value = tomllib.loads(f"value = {raw}")["value"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        _overlay(tables, {section: {key: value}}, f"--set {text}")
+
+
+def from_dict(tables: dict[str, dict[str, Any]]) -> Config:
+    """A Config from plain tables (a TOML file, a checkpoint's copy); check() then says whether it is allowed."""
+    sections = {}
+    for section, kind in get_type_hints(Config).items():
+        values, fields = tables.get(section, {}), get_type_hints(kind)
+        unknown = sorted(values.keys() - fields.keys())
+        if unknown:
+            raise ConfigError(f"unknown key {section}.{unknown[0]}{_near(unknown[0], fields)}")
+        missing = sorted(fields.keys() - values.keys())
+        if missing:
+            raise ConfigError(f"{section}.{missing[0]} is missing")
+        # An int is a fine float (lr = 1 is 1.0).
+        sections[section] = kind(**{k: float(v) if _is_number(v, fields[k]) else v for k, v in values.items()})
+    return Config(**sections)
+
+
+def _is_number(value: Any, expected: Any) -> bool:
+    return expected is float and isinstance(value, int) and not isinstance(value, bool)
+
+
+def check(config: Config) -> None:
+    """Every type and allowed-value rule, in one place; the first broken one raises one line.
+
+    load_config runs it, and so does train.fit, for a Config built or changed in code.
+    """
+    for section, kind in get_type_hints(Config).items():
+        values = getattr(config, section)
+        for key, expected in get_type_hints(kind).items():
+            if not _fits(getattr(values, key), expected):
+                raise ConfigError(f"{section}.{key} = {getattr(values, key)!r}: must be {_describe(expected)}")
+    for key, value, ok, allowed in _rules(config):
+        if not ok:
+            raise ConfigError(f"{key} = {value!r}: {allowed}")
+
+
+def _fits(value: Any, expected: Any) -> bool:
+    origin, args = get_origin(expected), get_args(expected)
+    if expected is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, option) for option in args)
+    if origin is Literal:
+        return value in args
+    if origin is list:
+        return isinstance(value, list) and all(_fits(item, args[0]) for item in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    if expected in (int, float):
+        # A bool is never a number here, though Python makes it an int.
+        return isinstance(value, int if expected is int else (int, float)) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _describe(expected: Any) -> str:
+    origin, args = get_origin(expected), get_args(expected)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(option) for option in args)
+    if origin is Literal:
+        return " or ".join(f'"{a}"' for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    if origin is dict:
+        return f"a table of {_describe(args[1])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(expected, str(expected))
+
+
+def _rules(config: Config) -> list[tuple[str, Any, bool, str]]:
+    """(key, value, whether it is allowed, what is allowed)."""
+    model, train, init = config.model, config.train, config.init
+    rules = [
+        ("model.num_classes", model.num_classes, model.num_classes >= 2, "a classifier needs at least 2 classes"),
+        ("train.epochs", train.epochs, train.epochs >= 1, "at least 1"),
+        ("train.batch_size", train.batch_size, train.batch_size >= 1, "at least 1"),
+        ("train.lr", train.lr, math.isfinite(train.lr) and train.lr > 0, "a finite number > 0"),
+        ("train.weight_decay", train.weight_decay, _finite(train.weight_decay, 0), "a finite number >= 0"),
+        ("train.image_size", train.image_size, train.image_size >= 1, "at least 1 pixel"),
+        ("train.num_workers", train.num_workers, _auto_or_at_least(train.num_workers, 0), '"auto" or >= 0'),
+        ("init.min_loaded_fraction", init.min_loaded_fraction, 0 <= init.min_loaded_fraction <= 1, "in [0, 1]"),
+        ("init.first_n", init.first_n, init.first_n >= 0, "0 (every match) or more"),
+    ]
+    lora = config.lora
+    rules += [
+        ("lora.rank", lora.rank, lora.rank >= 1, "at least 1"),
+        ("lora.alpha", lora.alpha, _finite(lora.alpha, 0) and lora.alpha > 0, "a finite number > 0"),
+        ("lora.dropout", lora.dropout, _finite(lora.dropout, 0) and lora.dropout < 1, "in [0, 1)"),
+    ]
+    # best.* holds merged weights a LoRA model cannot load back; best_adapter
+    # lacks what a stage released after the best epoch.
+    for stage in config.unfreeze.stages:
+        restore = stage.get("restore_best", False) if isinstance(stage, dict) else False
+        rules.append(("unfreeze.stages restore_best", restore, restore is False, "false with freeze_by = lora"))
+    for key in ("synthetic_train_size", "synthetic_val_size"):
+        rules.append((f"data.{key}", getattr(config.data, key), getattr(config.data, key) >= 1, "at least 1"))
+    fraction = config.data.val_fraction
+    rules.append(("data.val_fraction", fraction, _finite(fraction, 0) and 0 < fraction < 1, "between 0 and 1"))
+    keep = config.checkpoint.keep_last_k
+    rules.append(("checkpoint.keep_last_k", keep, keep >= 0, "0 (last.ckpt only) or more"))
+    for rule in init.remap:
+        rules.append(("init.remap", rule, len(rule) == 2 and _regex(rule[0]), "[regex, replacement] pairs"))
+    return rules
+
+
+def _auto_or_at_least(value: int | str, low: int) -> bool:
+    return value == "auto" or value >= low
+
+
+def _finite(value: float, low: float) -> bool:
+    return math.isfinite(value) and value >= low
+
+
+def _regex(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
+def _near(word: str, known: Any) -> str:
+    close = difflib.get_close_matches(word, list(known), n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"

@@ -1,0 +1,166 @@
+"""Image folders: the weights' own preprocessing, and bad data named before training starts."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import image_folder, to_toml
+from PIL import Image
+
+from lora_resnet18.cli import main
+from lora_resnet18.data import DataError, image_folder_datasets, image_transforms, make_datasets
+from lora_resnet18.model import preprocessing
+from lora_resnet18.train import fit
+
+
+def test_validation_preprocessing_is_the_weights_own():
+    prep = preprocessing()
+    _, val = image_transforms(32, augment=False)
+    image = Image.fromarray(torch.randint(0, 256, (50, 70, 3), dtype=torch.uint8).numpy())
+    x = val(image)
+    assert x.shape == (3, 32, 32)
+    # Undo the normalisation: the pixels must come back within [0, 1].
+    mean, std = torch.tensor(prep["mean"])[:, None, None], torch.tensor(prep["std"])[:, None, None]
+    pixels = x * std + mean
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    from torchvision.models import get_model_weights
+
+    from lora_resnet18.model import ARCH
+
+    # At the weights' own crop size, the same tensor as torchvision's transforms.
+    reference = get_model_weights(ARCH).DEFAULT.transforms()
+    _, val = image_transforms(reference.crop_size[0], augment=False)
+    assert torch.allclose(val(image), reference(image), atol=1e-6)
+
+
+def test_an_image_folder_trains_with_augmentation(tmp_path, config):
+    root = image_folder(tmp_path / "images", classes=config.model.num_classes)
+    train, val = make_datasets(str(root), config)
+    x, y = train[0]
+    assert x.shape == (3, config.train.image_size, config.train.image_size) and y == 0
+    assert len(train) == len(val) == 2 * config.model.num_classes
+
+
+def test_a_missing_folder_is_named(tmp_path, config):
+    with pytest.raises(DataError, match="no such directory"):
+        make_datasets(str(tmp_path / "nowhere"), config)
+    (tmp_path / "half" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"half/val is not a directory"):
+        make_datasets(str(tmp_path / "half"), config)
+
+
+def test_an_empty_class_folder_is_an_error_or_skipped_with_a_warning(tmp_path, capsys):
+    root = image_folder(tmp_path / "images")
+    (root / "train" / "class2").mkdir()
+    (root / "val" / "class2").mkdir()
+    (root / "val" / "class2" / "0.png").write_bytes((root / "val" / "class0" / "0.png").read_bytes())
+    with pytest.raises(DataError, match=r"train/class2 holds no images.*bad_images = \"skip\""):
+        image_folder_datasets(root, 32, 3)
+    train, _ = image_folder_datasets(root, 32, 3, bad_images="skip")
+    assert "warning:" in capsys.readouterr().err and train.classes == ["class0", "class1", "class2"]
+    assert len(train) == 4
+
+
+def test_an_unreadable_image_is_named_or_skipped(tmp_path, capsys):
+    root = image_folder(tmp_path / "images")
+    broken = root / "train" / "class1" / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    with pytest.raises(DataError, match=r"broken\.png"):
+        image_folder_datasets(root, 32, 2)
+    train, _ = image_folder_datasets(root, 32, 2, bad_images="skip")
+    assert "broken.png" in capsys.readouterr().err
+    assert len(train) == 4 and all(str(broken) != path for path, _ in train.samples)
+    with pytest.raises(DataError, match='bad_images must be "error" or "skip"'):
+        image_folder_datasets(root, 32, 2, bad_images="ignore")
+
+
+def broken_images(folder: Path) -> list[Path]:
+    """A truncated JPEG and a PNG with corrupt pixel data but valid chunk CRCs: both pass Image.verify()."""
+    pixels = torch.randint(0, 256, (64, 64, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    jpeg, png = folder / "cut.jpg", folder / "garbled.png"
+    Image.fromarray(pixels.numpy()).save(jpeg, quality=90)
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size * 6 // 10])
+    Image.fromarray(pixels.numpy()).save(png)
+    data = bytearray(png.read_bytes())
+    start = data.index(b"IDAT")  # 4-byte length before it, data after it, then the CRC
+    length = int.from_bytes(data[start - 4 : start], "big")
+    data[start + 20 : start + 40] = bytes(20)
+    data[start + 4 + length : start + 8 + length] = zlib.crc32(data[start : start + 4 + length]).to_bytes(4, "big")
+    png.write_bytes(bytes(data))
+    for path in (jpeg, png):
+        with Image.open(path) as image:
+            image.verify()  # what a header-only check would let through
+    return [jpeg, png]
+
+
+def test_images_that_only_fail_when_decoded_are_caught_before_training(tmp_path, capsys):
+    root = image_folder(tmp_path / "images")
+    broken = broken_images(root / "train" / "class1")
+    with pytest.raises(DataError, match=r"2 unreadable image\(s\).*cut\.jpg.*garbled\.png"):
+        image_folder_datasets(root, 32, 2)
+    train, _ = image_folder_datasets(root, 32, 2, bad_images="skip")
+    assert "2 unreadable" in capsys.readouterr().err
+    assert len(train) == 4 and not {str(p) for p in broken} & {path for path, _ in train.samples}
+
+
+def one_folder(root, config, per_class: int = 5):
+    """root/<class>/*.png, no train/ or val/: what a user has before splitting."""
+    image_folder(root / "tmp", classes=config.model.num_classes, per_class=per_class)
+    (root / "tmp" / "train").rename(root / "all")
+    return root / "all"
+
+
+def test_a_one_folder_dataset_is_split_stratified_disjoint_and_reproducible(tmp_path, config):
+    root = one_folder(tmp_path, config)
+    config.data.val_fraction = 0.4
+    train, val = make_datasets(str(root), config)
+    split = train.split
+    assert not set(split["train"]) & set(split["val"])
+    assert len(split["train"]) + len(split["val"]) == 5 * config.model.num_classes
+    per_class = [sum(name.startswith(f"class{c}/") for name in split["val"]) for c in range(config.model.num_classes)]
+    assert per_class == [2] * config.model.num_classes  # round(5 x 0.4) of every class
+    assert len(val) == len(split["val"]) and val[0][0].shape[-1] == config.train.image_size
+    assert make_datasets(str(root), config)[0].split == split, "the same seed must give the same split"
+    config.train.seed += 1
+    assert make_datasets(str(root), config)[0].split != split
+
+
+def test_a_class_too_small_to_split_is_named(tmp_path, config):
+    root = one_folder(tmp_path, config)
+    for path in sorted((root / "class1").iterdir())[1:]:
+        path.unlink()
+    with pytest.raises(DataError, match=r"class1 has 1 image\(s\); a class needs 2 or more"):
+        make_datasets(str(root), config)
+
+
+def test_a_folder_that_does_not_fit_the_model_is_one_line(tmp_path, config):
+    with pytest.raises(DataError, match="holds no class folders"):
+        make_datasets(str(image_folder(tmp_path / "flat", classes=1) / "train" / "class0"), config)
+    root = image_folder(tmp_path / "few", classes=config.model.num_classes - 1, per_class=2) / "train"
+    with pytest.raises(DataError, match=f"has {config.model.num_classes - 1} classes but the model has"):
+        make_datasets(str(root), config)
+
+
+def test_a_run_keeps_its_split_and_evaluate_validates_on_it(tmp_path, config, capsys):
+    root = one_folder(tmp_path, config)
+    # 0.5 of 5 images is 2 a class; a split made anew after one more image would take 3.
+    config.data.val_fraction = 0.5
+    out = tmp_path / "run"
+    fit(config, out, data=str(root), epochs=2, stop_after=1, device="cpu")
+    split = json.loads((out / "split.json").read_text())
+    # New images arrive: they belong to neither side of the run that began without them.
+    for c in range(config.model.num_classes):
+        (root / f"class{c}" / "new.png").write_bytes((root / f"class{c}" / "0.png").read_bytes())
+    fit(None, None, data=str(root), resume=out, device="cpu")
+    assert json.loads((out / "split.json").read_text()) == split
+    config_file = tmp_path / "small.toml"
+    config_file.write_text(to_toml(config))
+    weights = out / "best.pt"
+    capsys.readouterr()
+    assert main(["--config", str(config_file), "evaluate", "--weights", str(weights), "--data", str(root)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert sum(row["images"] for row in report["per_class"]) == len(split["val"])

@@ -1,0 +1,49 @@
+"""What a person sees: the freeze summary and progress bars."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch.utils.data import DataLoader
+
+from lora_resnet18.data import DEFAULT_DATA, make_datasets
+from lora_resnet18.optim import make_optimizer
+from lora_resnet18.run import prepare_model
+from lora_resnet18.train import fit, show_progress, train_one_epoch
+
+
+def test_the_freeze_summary_lists_children_and_the_trainable_share(tmp_path, config, capsys):
+    fit(config, tmp_path / "run", epochs=1, device="cpu")
+    printed = capsys.readouterr().out
+    model, _ = prepare_model(config)
+    for name, _ in model.named_children():
+        assert f" {name} " in printed, name
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    assert f"trainable {trainable:,} of {total:,} parameters ({trainable / total:.1%})" in printed
+    assert "BatchNorm (eval_frozen):" in printed
+
+
+def test_progress_bars_only_for_a_person_at_a_terminal(monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert show_progress()
+    monkeypatch.setenv("CI", "true")
+    assert not show_progress()
+    monkeypatch.delenv("CI")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert not show_progress()
+
+
+def test_the_bar_shows_loss_accuracy_and_images_per_second(config, capsys):
+    model, _ = prepare_model(config)
+    train_set, _ = make_datasets(DEFAULT_DATA, config)
+    loader = DataLoader(train_set, batch_size=config.train.batch_size)
+    optimizer = make_optimizer(model, config)
+    loss, correct, count = train_one_epoch(model, loader, optimizer, torch.device("cpu"), "epoch 0")
+    bar = capsys.readouterr().err
+    assert "epoch 0" in bar and "loss=" in bar and "acc=" in bar and "img_s=" in bar
+    assert count == len(train_set) and 0 <= correct <= count and loss > 0
+    train_one_epoch(model, loader, optimizer, torch.device("cpu"))
+    assert capsys.readouterr().err == "", "no bar without a description"

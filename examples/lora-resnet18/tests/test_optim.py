@@ -1,0 +1,39 @@
+"""Optimizer hygiene: trainable parameters only, few groups, no decay on norms and biases."""
+
+from __future__ import annotations
+
+from conftest import frozen_names
+
+from lora_resnet18.optim import make_optimizer, trainable_names
+from lora_resnet18.run import prepare_model
+
+
+def groups_by_name(optimizer):
+    return {g["name"]: g for g in optimizer.param_groups}
+
+
+def names_in(model, group):
+    ids = {id(p) for p in group["params"]}
+    return [n for n, p in model.named_parameters() if id(p) in ids]
+
+
+def test_two_groups_split_by_weight_decay_only(config):
+    model, _ = prepare_model(config)
+    optimizer = make_optimizer(model, config)
+    groups = groups_by_name(optimizer)
+    assert set(groups) == {"trainable", "trainable no_decay"}
+    params = dict(model.named_parameters())
+    assert all(params[n].ndim <= 1 for n in names_in(model, groups["trainable no_decay"]))
+    assert all(params[n].ndim > 1 for n in names_in(model, groups["trainable"]))
+    assert groups["trainable no_decay"]["weight_decay"] == 0.0
+    assert groups["trainable"]["weight_decay"] == config.train.weight_decay
+    config.train.no_decay_norm_bias = False
+    assert [g["name"] for g in make_optimizer(model, config).param_groups] == ["trainable"]
+
+
+def test_frozen_parameters_never_enter_any_group(config):
+    config.freeze.bn_modes = {"type:BatchNorm2d": "eval+frozen_affine"}
+    model, _ = prepare_model(config)
+    held = {n for g in make_optimizer(model, config).param_groups for n in names_in(model, g)}
+    assert held == set(trainable_names(model))
+    assert frozen_names(model) and not held & set(frozen_names(model))

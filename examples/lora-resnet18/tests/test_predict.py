@@ -1,0 +1,109 @@
+"""Class names travel with the weights, predict agrees with evaluate, and other classes are refused."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import image_folder, small_config, to_toml
+
+from lora_resnet18.checkpoint import read_classes
+from lora_resnet18.cli import main
+from lora_resnet18.config import ConfigError
+from lora_resnet18.train import fit
+
+NUM_CLASSES = small_config().model.num_classes
+# Folder names in ImageFolder's (sorted) order: what the labels are named by.
+NAMES = [f"flower_{chr(ord('a') + c)}" for c in range(NUM_CLASSES)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run trained on an image folder of named classes, its data and a config file for the CLI."""
+    root = tmp_path_factory.mktemp("data")
+    images = image_folder(root / "images", names=NAMES)
+    config = small_config()
+    config_file = root / "small.toml"
+    config_file.write_text(to_toml(config))
+    out = root / "run"
+    fit(config, out, data=str(images), epochs=2, stop_after=1, device="cpu")
+    return images, out, ["--config", str(config_file)]
+
+
+def test_class_names_travel_with_every_file_of_the_run(trained):
+    _, out, _ = trained
+    assert json.loads((out / "classes.json").read_text()) == NAMES
+    assert read_classes(out / "best.pt") == NAMES
+    assert read_classes(out / "best.safetensors") == NAMES
+    assert read_classes(out / "last.ckpt") == NAMES
+    assert torch.load(out / "last.ckpt", weights_only=True)["classes"] == NAMES
+
+
+def test_predict_agrees_with_evaluate(trained, tmp_path, capsys):
+    images, out, config = trained
+    weights = str(out / "best.pt")
+    assert main([*config, "evaluate", "--weights", weights, "--data", str(images), "--device", "cpu"]) == 0
+    val_acc = json.loads(capsys.readouterr().out)["val_acc"]
+    table = tmp_path / "predictions.csv"
+    args = [*config, "predict", "--weights", weights, str(images / "val"), "--top-k", "2", "--out", str(table)]
+    assert main([*args, "--device", "cpu"]) == 0
+    with open(table) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["path", "rank", "label", "probability"]
+    firsts = [row for row in rows if row["rank"] == "1"]
+    assert len(firsts) == len(list((images / "val").rglob("*.png"))) and len(rows) == 2 * len(firsts)
+    accuracy = sum(Path(row["path"]).parent.name == row["label"] for row in firsts) / len(firsts)
+    assert accuracy == pytest.approx(val_acc)
+    for first, second in zip(rows[::2], rows[1::2], strict=True):
+        assert first["path"] == second["path"] and float(first["probability"]) >= float(second["probability"])
+        assert first["label"] in NAMES and first["label"] != second["label"]
+
+
+def test_an_unreadable_image_is_named_and_skipped_and_the_exit_status_says_so(trained, tmp_path, capsys):
+    images, out, config = trained
+    folder = tmp_path / "new"
+    folder.mkdir()
+    good = next((images / "val").rglob("*.png"))
+    (folder / "good.png").write_bytes(good.read_bytes())
+    (folder / "broken.png").write_bytes(b"not an image")
+    assert main([*config, "predict", "--weights", str(out / "best.pt"), str(folder), "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    assert "good.png" in captured.out and "broken.png" not in captured.out
+    assert f"{folder / 'broken.png'}: cannot read the image" in captured.err
+
+
+def test_evaluate_on_other_classes_is_one_line_naming_both(trained, tmp_path, capsys):
+    _, out, config = trained
+    other = image_folder(tmp_path / "other", names=[f"tree_{c}" for c in range(NUM_CLASSES)])
+    assert main([*config, "evaluate", "--weights", str(out / "best.pt"), "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "flower_a" in err and "tree_0" in err
+
+
+def test_weights_run_with_the_input_size_they_were_trained_at(trained, tmp_path, capsys):
+    images, out, _ = trained
+    other = small_config()
+    other.train.image_size = 48
+    config_file = tmp_path / "other.toml"
+    config_file.write_text(to_toml(other))
+    weights = str(out / "best.pt")
+    assert main(["--config", str(config_file), "evaluate", "--weights", weights, "--data", str(images)]) == 2
+    assert "was trained with train.image_size = 32, this config has 48" in capsys.readouterr().err
+
+
+def test_predict_into_a_missing_folder_is_refused_before_any_work(trained, tmp_path, capsys):
+    images, out, config = trained
+    table = tmp_path / "no" / "such" / "predictions.csv"
+    args = [*config, "predict", "--weights", str(out / "best.pt"), str(images / "val"), "--out", str(table)]
+    assert main(args) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_resume_on_other_classes_is_refused(trained, tmp_path):
+    _, out, _ = trained
+    other = image_folder(tmp_path / "other", names=[f"tree_{c}" for c in range(NUM_CLASSES)])
+    with pytest.raises(ConfigError, match="was trained on the classes"):
+        fit(None, None, data=str(other), resume=out, device="cpu")

@@ -1,0 +1,254 @@
+"""A run folder holds one run: never overwritten by accident, never written by two processes, never given NaN."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import child_env, shrink, to_toml
+
+from lora_resnet18.checkpoint import CheckpointError, RunFiles, read_state_dict
+from lora_resnet18.cli import main
+from lora_resnet18.config import load_config
+from lora_resnet18.model import build_model
+from lora_resnet18.run import prepare_model
+from lora_resnet18.saving import DivergedError
+from lora_resnet18.train import fit
+
+
+def files_of(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture
+def small(config):
+    shrink(config, 64, 32)
+    return config
+
+
+def test_a_second_train_into_a_run_folder_is_refused_and_changes_nothing(tmp_path, small, capsys):
+    out = tmp_path / "run"
+    fit(small, out, epochs=2, device="cpu")
+    before = files_of(out)
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(small))
+    assert main(["--config", str(path), "train", "--epochs", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} already holds a run" in err and f"--resume {out}" in err and "another --out" in err
+    assert err.count("\n") == 1
+    assert files_of(out) == before, "a refused run wrote into the folder"
+
+
+def test_overwrite_starts_over_and_keeps_nothing_of_the_old_run(tmp_path, small):
+    out = tmp_path / "run"
+    fit(small, out, epochs=3, device="cpu")
+    history = fit(small, out, epochs=1, device="cpu", overwrite=True)
+    assert [row["epoch"] for row in history] == [0]
+    assert (out / "metrics.csv").read_text().count("\n") == 2, "only the new run's epoch"
+    files = RunFiles(out)
+    assert not [name for name in files.files if name.startswith("epoch-0002")]
+    for name in files.files:
+        files.verify(name)
+        assert files.files[name]["epoch"] == 0, name
+
+
+HOLD_LOCK = textwrap.dedent(
+    """
+    import fcntl, os, sys, time
+    lock = open(sys.argv[1], "a+")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    lock.write(f"{os.getpid()}\\n")
+    lock.flush()
+    print("held", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_a_folder_in_use_is_refused_at_once_naming_the_holder(tmp_path, small, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        path = tmp_path / "config.toml"
+        path.write_text(to_toml(small))
+        assert main(["--config", str(path), "train", "--epochs", "1", "--out", str(out)]) == 2
+        assert f"{out} is in use by another run (process {holder.pid})" in capsys.readouterr().err
+        assert not (out / "metrics.csv").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # A killed holder leaves no stale lock: the operating system dropped it.
+    assert main(["--config", str(path), "train", "--epochs", "1", "--out", str(out)]) == 0
+
+
+def test_the_temp_files_of_a_killed_save_are_cleaned_up(tmp_path, small):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".best.pt.x1y2z3.tmp").write_bytes(b"half a file")
+    fit(small, out, epochs=1, device="cpu")
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+def test_a_diverging_run_stops_and_saves_no_non_finite_weights(tmp_path, small, monkeypatch):
+    out = tmp_path / "run"
+    fit(small, out, epochs=1, device="cpu")
+    good = files_of(out)
+    # The loss of the second step is NaN, as after a step at far too high an lr.
+    real, calls = torch.nn.functional.cross_entropy, []
+
+    def exploding(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs) * (float("nan") if len(calls) == 2 else 1.0)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", exploding)
+    with pytest.raises(DivergedError, match=r"epoch 0, step 2: the loss is not finite; lower train.lr"):
+        fit(small, tmp_path / "diverged", epochs=2, device="cpu")
+    for path in (tmp_path / "diverged").iterdir():
+        if path.suffix in (".pt", ".ckpt"):
+            state = torch.load(path, weights_only=True)
+            weights = state.get("model", state)
+            assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point()), path
+    assert files_of(out) == good
+
+
+def test_weights_that_stop_being_finite_are_never_saved(tmp_path, small, monkeypatch):
+    from lora_resnet18 import train
+
+    real = train.run_epoch
+
+    def poisoned(run, epoch):
+        row = real(run, epoch)
+        if epoch == 1:
+            with torch.no_grad():
+                next(p for p in run.model.parameters() if p.requires_grad).fill_(float("nan"))
+        return row
+
+    monkeypatch.setattr(train, "run_epoch", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(DivergedError, match="epoch 1: 1 tensors are not finite"):
+        fit(small, out, epochs=3, device="cpu")
+    files = RunFiles(out)
+    for name in files.files:
+        files.verify(name)
+        assert files.files[name]["epoch"] == 0, f"{name} was written after epoch 0"
+
+
+def test_an_init_file_holding_nan_is_refused_naming_the_tensors(tmp_path, small):
+    state = build_model(small).state_dict()
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = torch.full_like(state[name], float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match=f"1 tensors are not finite \\(first: {name}\\)"):
+        prepare_model(small, init=tmp_path / "nan.pt")
+
+
+@pytest.mark.parametrize("flag", ["--epochs", "--stop-after"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_an_epoch_count_below_one_is_refused(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--out", str(tmp_path / "run"), flag, value])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: '{value}' is not a whole number >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_keeps_the_config_that_trained_it_and_refuses_another(tmp_path, small, capsys):
+    out = tmp_path / "run"
+    small.train.lr = 0.002
+    fit(small, out, epochs=3, stop_after=1, device="cpu")
+    changed = tmp_path / "changed.toml"
+    small.train.lr, small.train.num_workers = 0.004, 0
+    changed.write_text(to_toml(small))
+    assert main(["--config", str(changed), "train", "--resume", str(out)]) == 2
+    assert "train.lr: 0.002 -> 0.004" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--epochs", "5"]) == 2
+    assert "train.epochs: 3 -> 5" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--init", str(out / "last.ckpt")]) == 2
+    assert "--init starts a new run and --resume continues one" in capsys.readouterr().err
+    # --set is laid over the saved config, and held to the same rule.
+    assert main(["--set", "train.lr=0.004", "train", "--resume", str(out)]) == 2
+    assert "train.lr: 0.002 -> 0.004" in capsys.readouterr().err
+    # No --config: the saved one (lr 0.002, 3 epochs), not the packaged defaults;
+    # the worker count cannot change the result, so --set may change it.
+    assert main(["--set", "train.num_workers=0", "train", "--resume", str(out)]) == 0
+    saved = torch.load(out / "last.ckpt", weights_only=True)
+    assert saved["epoch"] == 2 and saved["config"]["train"]["lr"] == 0.002 and saved["config"]["train"]["epochs"] == 3
+
+
+def test_a_resume_may_change_what_cannot_change_the_result(tmp_path, small):
+    out = tmp_path / "run"
+    fit(small, out, epochs=2, stop_after=1, device="cpu")
+    small.train.num_workers = 1
+    history = fit(small, None, resume=out, device="cpu")
+    assert [row["epoch"] for row in history] == [0, 1]
+
+
+def test_the_run_folder_config_repeats_the_run_bit_for_bit(tmp_path, small):
+    """RUN/config.toml is the resolved config: --config RUN/config.toml trains the same weights again."""
+    config_file = tmp_path / "small.toml"
+    config_file.write_text(to_toml(small))
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--device", "cpu", "--epochs", "2"]
+    assert main(["--config", str(config_file), "--set", "train.lr=0.02", "train", "--out", str(first), *common]) == 0
+    resolved = load_config(first / "config.toml")
+    assert resolved.train.lr == 0.02 and resolved.train.epochs == 2
+    assert main(["--config", str(first / "config.toml"), "train", "--out", str(second), "--device", "cpu"]) == 0
+    before, again = read_state_dict(first / "best.pt"), read_state_dict(second / "best.pt")
+    assert before.keys() == again.keys() and all(torch.equal(before[k], again[k]) for k in before)
+
+
+SIGTERM_RUN = textwrap.dedent(
+    """
+    import sys
+    from lora_resnet18.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_stops_cleanly_and_the_run_resumes(tmp_path, small):
+    """Killed at random points of the saves, several times: exit 143, one line, no temp file, a resumable run."""
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(to_toml(small))
+    out = tmp_path / "run"
+    command = [sys.executable, "-c", SIGTERM_RUN, "--config", str(config_file), "train", "--epochs", "4"]
+    subprocess.run([*command, "--out", str(out), "--stop-after", "1"], check=True, capture_output=True, env=child_env())
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        proc = subprocess.Popen(
+            [*command, "--resume", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env()
+        )
+        for line in proc.stdout:
+            if line.startswith("epoch "):
+                break  # the epoch's saves start now
+        delay = float(torch.rand((), generator=generator)) * 0.3
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+        _, err = proc.communicate(timeout=120)
+        if proc.returncode == -signal.SIGTERM:
+            # Only after the run is done, as the interpreter exits: nothing was left to stop.
+            assert torch.load(out / "last.ckpt", weights_only=True)["epoch"] == 3, err[-2000:]
+            continue
+        assert proc.returncode in (0, 143), err[-2000:]
+        if proc.returncode == 143:
+            assert err.strip().count("\\n") == 0 and "stopped" in err, err
+        assert not list(out.glob(".*.tmp")), "a temp file survived the SIGTERM"
+        files = RunFiles(out)
+        for name in files.files:
+            files.verify(name)
+    assert main(["train", "--resume", str(out)]) == 0
+    straight = tmp_path / "straight"
+    fit(small, straight, epochs=4, device="cpu")
+    resumed = torch.load(out / "last.ckpt", weights_only=True)["model"]
+    expected = torch.load(straight / "last.ckpt", weights_only=True)["model"]
+    for key, value in expected.items():
+        assert torch.equal(resumed[key], value), key
