@@ -139,7 +139,7 @@ TIMM_FAMILIES = ["vit_small_patch16_224", "resnet10t", "convnext_atto", "efficie
 @pytest.mark.parametrize("timm_model", TIMM_FAMILIES)
 def test_timm_defaults_resolve_on_every_family(tmp_path, timm_model):
     head = timm.get_pretrained_cfg(timm_model).classifier
-    for freeze_by in ("name", "index", "pattern"):
+    for freeze_by in ("name", "index", "pattern", "lora"):
         package = f"timm_{freeze_by}_{timm_model}"
         answers = {"project_name": package, "backbone": "timm", "timm_model": timm_model, "freeze_by": freeze_by}
         project = render(tmp_path / package, answers, src=ROOT)

@@ -11,6 +11,7 @@ from conftest import frozen_names, has_params, to_toml
 from lora_resnet18.cli import main
 from lora_resnet18.data import example_inputs
 from lora_resnet18.freeze import FreezeSpecError, freeze, resolve
+from lora_resnet18.lora import attach
 from lora_resnet18.model import HEAD, build_model
 from lora_resnet18.optim import make_optimizer
 from lora_resnet18.run import freeze_spec, prepare_model
@@ -133,7 +134,8 @@ def test_bad_spec_exits_nonzero_and_writes_no_run_folder(tmp_path, config, capsy
     assert f"error: freeze.keep_trainable: '{typo}' matches no module" in capsys.readouterr().err
 
 
-def test_layers_spec_is_a_dry_run_with_counts(config_file, capsys, model):
+def test_layers_spec_is_a_dry_run_with_counts(config_file, capsys, model, config):
+    attach(model, config.lora)  # --spec resolves on the adapted model, whose names the config's lists see
     head_size = sum(p.numel() for p in model.get_submodule(HEAD).parameters())
     total = sum(p.numel() for p in model.parameters())
     args = ["--config", str(config_file), "layers"]

@@ -10,12 +10,20 @@ from conftest import fitted, shrink
 from safetensors.torch import load_file, save_file
 
 from lora_resnet18.checkpoint import CheckpointError, read_state_dict
-from lora_resnet18.cli import main
-from lora_resnet18.config import ConfigError, check
+from lora_resnet18.cli import main, trained_model
+from lora_resnet18.config import ConfigError, LoraConfig, check
 from lora_resnet18.data import example_inputs
 from lora_resnet18.freeze import FreezeSpecError
 from lora_resnet18.layers import freeze_summary
-from lora_resnet18.lora import ADAPTER_FILE, adapted, load_adapter, merged_state_dict, targets
+from lora_resnet18.lora import (
+    ADAPTER_FILE,
+    adapted,
+    attach,
+    load_adapter,
+    merged_state_dict,
+    scale_metadata,
+    targets,
+)
 from lora_resnet18.model import HEAD, build_model
 from lora_resnet18.rng import seed_everything
 from lora_resnet18.run import prepare_model
@@ -126,6 +134,18 @@ def test_an_adapter_file_of_another_model_is_refused_in_one_line(tmp_path, confi
     save_file({**tensors, "no.such.key": torch.zeros(1)}, tmp_path / "extra.safetensors")
     with pytest.raises(CheckpointError, match="keys this model lacks \\(first: no.such.key\\)"):
         load_adapter(model, tmp_path / "extra.safetensors")
+    # The same tensors under another alpha would scale every update differently.
+    other = {**scale_metadata(model), "lora_alpha": str(2 * config.lora.alpha)}
+    save_file(tensors, tmp_path / "alpha.safetensors", metadata=other)
+    with pytest.raises(CheckpointError, match="trained with lora_alpha = "):
+        load_adapter(model, tmp_path / "alpha.safetensors")
+
+
+def test_evaluate_reads_a_lora_runs_last_ckpt_merged(tmp_path, config, monkeypatch):
+    model, _ = fitted(config, tmp_path, "run", monkeypatch, epochs=1)
+    x = example_inputs(config, 4)
+    plain = trained_model(str(tmp_path / "run" / "last.ckpt"), config)
+    torch.testing.assert_close(outputs(plain, x), outputs(model, x), rtol=1e-4, atol=1e-5)
 
 
 def test_merging_a_conv_or_linear_update_equals_the_adapted_forward(config):
@@ -176,3 +196,56 @@ def test_layers_marks_the_adapted_modules(config, config_file, capsys):
     marked = [row["name"] for row in json.loads(capsys.readouterr().out)["modules"] if row["state"] == "lora"]
     model, _ = prepare_model(config)
     assert marked == adapted(model) and marked
+
+
+def test_a_selector_that_adds_no_adaptable_module_is_refused_even_beside_one_that_does(config):
+    config.lora.target = [*config.lora.target, "fc.bias"]
+    with pytest.raises(FreezeSpecError, match="'fc.bias' holds no Linear, Conv or Embedding"):
+        prepare_model(config)
+
+
+class ReadsTheWeight(torch.nn.Module):
+    """An attention-like parent that uses its child's weight without calling the child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(4, 4)
+        self.std = StandardisedConv()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.qkv.weight, self.qkv.bias)
+
+
+class StandardisedConv(torch.nn.Conv2d):
+    """A conv whose forward changes the weight first (as timm's StdConv2d does)."""
+
+    def __init__(self) -> None:
+        super().__init__(1, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight / self.weight.norm(), self.bias)
+
+
+def test_an_adapter_the_forward_never_calls_is_refused(config):
+    settings = LoraConfig(target=["qkv"], rank=2, alpha=4.0, dropout=0.0)
+    with pytest.raises(FreezeSpecError, match="qkv .*never runs in the model's forward"):
+        attach(ReadsTheWeight(), settings, torch.randn(2, 4))
+
+
+def test_a_conv_with_a_forward_of_its_own_is_left_out(config):
+    settings = LoraConfig(target=["std"], rank=2, alpha=4.0, dropout=0.0)
+    with pytest.raises(FreezeSpecError, match="'std' holds no Linear, Conv or Embedding"):
+        attach(ReadsTheWeight(), settings)
+
+
+def test_the_head_trains_even_when_keep_trainable_leaves_it_out(config):
+    config.freeze.keep_trainable = []
+    model, _ = prepare_model(config)
+    assert all(p.requires_grad for p in model.get_submodule(HEAD).parameters())
+
+
+def test_a_lora_runs_own_files_are_refused_as_init(tmp_path, config):
+    model, _ = built(config)
+    torch.save(model.state_dict(), tmp_path / "adapted.pt")
+    with pytest.raises(CheckpointError, match="holds LoRA tensors .*pass the run's best.pt or best.safetensors"):
+        prepare_model(config, init=tmp_path / "adapted.pt")

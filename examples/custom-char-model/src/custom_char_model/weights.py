@@ -128,6 +128,12 @@ def plan_load(model: nn.Module, source: dict[str, torch.Tensor], name: str, rema
     `first_n` > 0 keeps only the first N loadable keys in the model's own
     state_dict order: file order is no order at all for safetensors.
     """
+    adapters = [key for key in source if ".base_layer." in key or ".lora_" in key]
+    if adapters:
+        # A LoRA run's last.ckpt or adapter file: its base weights sit under other names, and would not load.
+        raise CheckpointError(
+            f"{name} holds LoRA tensors (first: {adapters[0]}); pass the run's best.pt or best.safetensors"
+        )
     rules = compile_remap(remap)
     renamed: dict[str, torch.Tensor] = {}
     plan = LoadPlan(name)

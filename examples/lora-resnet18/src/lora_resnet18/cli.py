@@ -32,6 +32,7 @@ from .evaluation import confusion_matrix, finite_or_null, report, write_report
 from .freeze import FreezeSpecError
 from .integrity import IntegrityError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
+from .lora import attach, merged_checkpoint
 from .lr_find import COLUMNS, check_request, lr_find, schedule_factor, suggest
 from .model import PretrainedWeightsError, build_model
 from .predict import format_rows, image_files, predict, predict_workers, write_predictions
@@ -160,7 +161,10 @@ def add_lr_find_command(commands: argparse._SubParsersAction) -> None:
 def cmd_layers(args: argparse.Namespace, config: Config) -> int:
     if args.spec:
         # A dry run on the plain model: only what the selectors match, nothing applied.
-        print(spec_report(build_model(config), parse_spec(args.spec)))
+        # With the adapters: the names keep_trainable, stages and bn_modes see (peft's base_layer, lora_A).
+        model = build_model(config)
+        attach(model, config.lora)
+        print(spec_report(model, parse_spec(args.spec)))
         return 0
     try:
         model, _ = prepare_model(config)
@@ -287,7 +291,11 @@ def trained_model(weights: str, config: Config) -> nn.Module:
     check_run_config(weights, config)
     verify_in_run(weights)
     model = build_model(config)
-    plan = plan_load(model, read_state_dict(weights), weights, remap=[], first_n=0)
+    tensors = read_state_dict(weights)
+    if any(".lora_" in key for key in tensors):
+        # last.ckpt of a LoRA run: the adapted model, merged as best.* is.
+        tensors = merged_checkpoint(prepare_model(config)[0], tensors, weights)
+    plan = plan_load(model, tensors, weights, remap=[], first_n=0)
     if plan.missing or plan.unexpected or plan.mismatched:
         raise CheckpointError(f"{weights} does not fit this model: {plan.summary()}")
     model.load_state_dict(plan.tensors)

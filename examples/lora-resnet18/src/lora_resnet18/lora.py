@@ -23,6 +23,7 @@ from pathlib import Path
 import peft
 import torch
 from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
 from torch import nn
 
 from .checkpoint import CheckpointError, read_state_dict
@@ -37,15 +38,28 @@ ADAPTERS = r"re:\.lora_"
 ADAPTER_FILE = "best_adapter.safetensors"
 
 
+def merges_exactly(module: nn.Module) -> bool:
+    """Whether peft's layer computes what `module` does, and merges back into its weight exactly.
+
+    Not: a subclass with its own forward (timm's StdConv2d standardises its
+    weight), a grouped (depthwise), dilated or non-zero-padded conv (peft's
+    A conv copies neither), or an Embedding that renormalises (max_norm).
+    """
+    stock = type(module).forward in {kind.forward for kind in ADAPTABLE}
+    plain_conv = getattr(module, "groups", 1) == 1 and set(getattr(module, "dilation", (1,))) == {1}
+    zero_padded = getattr(module, "padding_mode", "zeros") == "zeros"
+    return stock and plain_conv and zero_padded and getattr(module, "max_norm", None) is None
+
+
 def targets(model: nn.Module, selectors: list[Selector]) -> list[str]:
     """The modules of the selection that get adapters, in model order.
 
     A selection names a region; inside it, every Linear, Conv1d, Conv2d and
-    Embedding is adapted, except two kinds that peft cannot merge: grouped
-    (depthwise) convs, and the out_proj of nn.MultiheadAttention, whose
-    forward reads its weight without calling it.
+    Embedding that merges_exactly() is adapted, except the out_proj of
+    nn.MultiheadAttention, whose forward reads its weight without calling it.
+    A selector that adds no such module is an error, not a silent no-op.
     """
-    _, match = resolve(model, selectors, "lora.target")
+    each, match = resolve(model, selectors, "lora.target")
     in_attention = {
         f"{name}.{child}"
         for name, module in model.named_modules()
@@ -59,20 +73,43 @@ def targets(model: nn.Module, selectors: list[Selector]) -> list[str]:
             continue
         if name == HEAD or name.startswith(HEAD + "."):
             raise FreezeSpecError(f"lora.target: {name} is the head, which trains in full; take it out of the target")
-        if name not in in_attention and getattr(module, "groups", 1) == 1:
+        if name not in in_attention and merges_exactly(module):
             chosen.append(name)
-    if not chosen:
-        raise FreezeSpecError(
-            f"lora.target {selectors}: no Linear, Conv or Embedding that LoRA can adapt in the selection "
-            "(grouped convs and nn.MultiheadAttention's out_proj are left out)"
-        )
+    for text, selected in each.items():
+        if not text.startswith("!") and not any(selected.covers(n, model.get_submodule(n)) for n in chosen):
+            raise FreezeSpecError(
+                f"lora.target: {text!r} holds no Linear, Conv or Embedding that LoRA can adapt and merge "
+                "(grouped, dilated or padded-mode convs, custom forwards and nn.MultiheadAttention are left out)"
+            )
     return chosen
 
 
-def attach(model: nn.Module, config: LoraConfig) -> list[str]:
+def check_called(model: nn.Module, names: list[str], inputs: torch.Tensor) -> None:
+    """One forward in eval mode: an adapter whose module the forward never calls would never train."""
+    called: set[str] = set()
+    hooks = [model.get_submodule(n).register_forward_hook(lambda *_, n=n: called.add(n)) for n in names]
+    training = model.training
+    model.eval()  # no BatchNorm statistics move, no dropout draws
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(training)
+    never = [n for n in names if n not in called]
+    if never:
+        raise FreezeSpecError(
+            f"lora.target: {never[0]} (of {len(never)} such) never runs in the model's forward (its parent reads "
+            "the weight directly), so its adapter would never train; take it out of the target"
+        )
+
+
+def attach(model: nn.Module, config: LoraConfig, inputs: torch.Tensor | None = None) -> list[str]:
     """Put an adapter on each target; the base weights stay as they are (B starts at zero).
 
-    An empty target attaches nothing: only keep_trainable trains, a linear probe.
+    With `inputs`, one forward checks that every adapter runs. An empty
+    target attaches nothing: only keep_trainable trains, a linear probe.
     """
     if not config.target:
         return []
@@ -84,6 +121,8 @@ def attach(model: nn.Module, config: LoraConfig) -> list[str]:
         r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=pattern
     )
     peft.inject_adapter_in_model(settings, model)
+    if inputs is not None:
+        check_called(model, names, inputs)
     return names
 
 
@@ -125,6 +164,15 @@ def merged_state_dict(model: nn.Module, weights: dict[str, torch.Tensor] | None 
     return plain
 
 
+def scale_metadata(model: nn.Module) -> dict[str, str]:
+    """rank and alpha, which the adapter file must be read back with (safetensors metadata is str -> str)."""
+    names = adapted(model)
+    if not names:
+        return {}
+    layer = model.get_submodule(names[0])
+    return {"lora_rank": str(layer.r["default"]), "lora_alpha": str(layer.lora_alpha["default"])}
+
+
 def adapter_state_dict(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What best_adapter.safetensors holds: every tensor that trains, and every buffer."""
     kept = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -138,6 +186,13 @@ def load_adapter(model: nn.Module, path: str | Path) -> None:
     Every tensor that trains must be in the file and every key of the file in
     the model; anything else is one line, and the model is left untouched.
     """
+    with safe_open(str(path), "pt") as file:
+        saved = file.metadata() or {}
+    for key, value in scale_metadata(model).items():
+        if key in saved and saved[key] != value:
+            raise CheckpointError(
+                f"{path}: trained with {key} = {saved[key]}, this model has {value}; build it from the run's config"
+            )
     tensors = read_state_dict(path)
     own = model.state_dict()
     needed = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -149,3 +204,15 @@ def load_adapter(model: nn.Module, path: str | Path) -> None:
         if keys:
             raise CheckpointError(f"{path}: not an adapter of this model: {len(keys)} {what} (first: {keys[0]})")
     model.load_state_dict(tensors, strict=False)
+
+
+def merged_checkpoint(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """A LoRA run's last.ckpt weights, merged as best.* is: `model` is one that prepare_model built."""
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError:
+        raise CheckpointError(
+            f"{source}: not this project's adapted model (a [lora] target or rank other than the run's? "
+            "pass --config RUN/config.toml, or the run's best.*)"
+        ) from None
+    return merged_state_dict(model)

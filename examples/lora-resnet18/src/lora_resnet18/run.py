@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from .checkpoint import RunFiles, atomic_write, load_resume
 from .config import Config, ConfigError, apply_overrides, check, from_dict, load_config
-from .data import DEFAULT_DATA, class_names, make_datasets, saved_split
+from .data import DEFAULT_DATA, class_names, example_inputs, make_datasets, saved_split
 from .freeze import (
     FreezeState,
     Selector,
@@ -39,7 +39,7 @@ from .freeze import (
 from .integrity import Integrity, check_optimizer
 from .layers import freeze_summary
 from .lora import ADAPTERS, attach
-from .model import build_model
+from .model import HEAD, build_model
 from .optim import cosine_schedule, make_optimizer, param_groups, trainable_names
 from .rng import seed_everything, set_rng_state
 from .runfolder import check_free, claim
@@ -124,7 +124,7 @@ def prepare_model(
         load_init(model, init, config.init)
     # After --init, whose names are the base model's; before the freeze, which
     # keeps the adapters (and keep_trainable) trainable and fixes all else.
-    attach(model, config.lora)
+    attach(model, config.lora, example_inputs(config, 2))
     if freeze_from is not None:
         state = read_manifest(model, freeze_from)
         apply(model, state)
@@ -135,10 +135,11 @@ def prepare_model(
 
 
 def freeze_spec(config: Config) -> list[Selector]:
-    # keep_trainable and the adapters train; "!" turns each into "everything but".
-    # With neither, "*" freezes everything, which freeze() refuses.
-    spec = ["!" + str(selector) for selector in config.freeze.keep_trainable]
-    return spec + ["!" + ADAPTERS] if config.lora.target else spec or ["*"]
+    # keep_trainable, the head (always: LoRA trains it in full) and the adapters
+    # train; "!" turns each into "everything but".
+    trainable = [str(selector) for selector in config.freeze.keep_trainable]
+    trainable += [] if HEAD in trainable else [HEAD]
+    return ["!" + selector for selector in trainable] + (["!" + ADAPTERS] if config.lora.target else [])
 
 
 def read_manifest(model: nn.Module, path: str | Path) -> FreezeState:

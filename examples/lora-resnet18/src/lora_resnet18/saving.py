@@ -24,7 +24,7 @@ from .checkpoint import (
     torch_load,
 )
 from .freeze import manifest
-from .lora import ADAPTER_FILE, adapter_state_dict, merged_state_dict
+from .lora import ADAPTER_FILE, adapter_state_dict, merged_state_dict, scale_metadata
 from .rng import rng_state
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ def save_best(run: Run, epoch: int, monitor: str, value: float) -> None:
         "config_sha256": config_hash(run.config.to_dict()),
         "classes": json.dumps(run.classes),
     }
-    adapter = safetensors_bytes(adapter_state_dict(run.model, weights), metadata)
+    adapter = safetensors_bytes(adapter_state_dict(run.model, weights), {**metadata, **scale_metadata(run.model)})
     run.files.save(ADAPTER_FILE, adapter, {**info, "format": "lora_adapter"})
     # best.* is what a model built without peft loads: each weight with its update merged in.
     weights = merged_state_dict(run.model)
