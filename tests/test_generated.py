@@ -48,19 +48,12 @@ SUBSET = {
         "unfreeze_at_epoch": 1,
     },
     # LoRA on Conv2d (resnet18, with the features that read its names; its linear probe, lora.target = [],
-    # runs the feature cache on a real backbone) and on the custom character model's Linears under
-    # torchrun; the ViTs below.
+    # runs the feature cache on a real backbone); Linears below.
     "resnet18-lora-all-formats": {
         "backbone": "resnet18",
         "freeze_by": "lora",
         "checkpoint_formats": ["state_dict", "safetensors", "full"],
         "features": ["ema", "lr_shaping", "export", "feature_cache"],
-    },
-    "custom-lora-distributed": {
-        "backbone": "custom",
-        "freeze_by": "lora",
-        "checkpoint_formats": ["safetensors", "full"],
-        "features": ["distributed"],
     },
 }
 
@@ -74,20 +67,24 @@ def test_generated_suite_passes_on_cpu(render_project, name):
     assert " passed" in proc.stdout.splitlines()[-1]
 
 
-# LoRA on ViTs' Linears: torchvision's (its MLPs; MultiheadAttention is left out) and timm's (attention and MLP).
-VITS = {
+# LoRA on Linears: torchvision's ViT (its MLPs; MultiheadAttention is left out), timm's (attention and MLP),
+# and the custom character model under torchrun (test_ddp: the ranks agree, rank 0 alone writes).
+LORA_ON_LINEARS = {
     "vit_b_16": {"backbone": "vit_b_16", "checkpoint_formats": ["safetensors", "full"]},
     "timm": {"backbone": "timm", "timm_model": "vit_tiny_patch16_224", "checkpoint_formats": ["state_dict", "full"]},
+    "custom": {"backbone": "custom", "checkpoint_formats": ["safetensors", "full"], "features": ["distributed"]},
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(VITS))
-def test_a_vits_lora_tests_pass_on_cpu(render_project, name):
-    """test_lora and test_resume only: the rest of a ViT-B's suite takes tens of minutes on a CPU and
-    checks nothing LoRA-specific that the resnet18 and custom suites above do not."""
-    project = render_project(f"{name}-lora", freeze_by="lora", profile="teaching", features=[], **VITS[name])
-    proc = run_tests(project, ["-x", "tests/test_lora.py", "tests/test_resume.py"])
+@pytest.mark.parametrize("name", list(LORA_ON_LINEARS))
+def test_lora_on_linears_passes_on_cpu(render_project, name):
+    """test_lora and test_resume (and test_ddp) only: the rest of a ViT-B's suite takes tens of minutes on
+    a CPU and checks nothing LoRA-specific that the resnet18 suite above does not."""
+    answers = {"freeze_by": "lora", "profile": "teaching", "features": [], **LORA_ON_LINEARS[name]}
+    project = render_project(f"{name}-lora", **answers)
+    tests = ["tests/test_lora.py", "tests/test_resume.py"] + (["tests/test_ddp.py"] if name == "custom" else [])
+    proc = run_tests(project, ["-x", *tests])
     assert proc.returncode == 0, failure_report(proc)
     assert " passed" in proc.stdout.splitlines()[-1]
 
