@@ -27,7 +27,7 @@ from .data import (
     example_inputs,
     make_datasets,
 )
-from .distributed import pick_device, stop
+from .distributed import stop
 from .evaluation import confusion_matrix, finite_or_null, report, write_report
 from .export import FORMATS, ExportError, export
 from .freeze import FreezeSpecError
@@ -37,7 +37,7 @@ from .lr_find import COLUMNS, check_request, lr_find, schedule_factor, suggest
 from .model import build_model
 from .plot import PlotError, figure_class, plot_confusion, plot_lr_find, plot_run
 from .rng import rngs_kept, seed_everything
-from .run import prepare_model
+from .run import pick_device, prepare_model
 from .saving import DivergedError, write_csv
 from .train import Stopped, fit
 from .weights import inspect_weights, plan_load

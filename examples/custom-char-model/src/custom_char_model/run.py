@@ -106,6 +106,19 @@ class Asked:
     overwrite: bool
 
 
+def pick_device(name: str | None = None) -> torch.device:
+    """--device, else CUDA where there is one; a device this machine lacks is one line, not a traceback later."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this machine has no CUDA device; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+    return device
+
+
 def prepare_model(
     config: Config,
     init: str | Path | None = None,
@@ -271,7 +284,8 @@ def find_checkpoint(resume: str | Path, world: World) -> tuple[Path, dict[str, A
 
 def start_run(config: Config | None, asked: Asked) -> Run:
     """Everything that can reject the input, before the run folder is touched: the config, the model, the data."""
-    world, dev = start(asked.device)
+    dev = pick_device(asked.device)
+    world, dev = start(dev)
     checkpoint = resume = out = None
     if asked.resume is not None:
         config, checkpoint, resume = resumed_config(config, asked, world)

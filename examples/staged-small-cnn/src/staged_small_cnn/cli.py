@@ -30,7 +30,7 @@ from .data import (
     numbered_classes,
     saved_split,
 )
-from .distributed import pick_device, stop
+from .distributed import stop
 from .evaluation import confusion_matrix, finite_or_null, report, write_report
 from .export import FORMATS, ExportError, export, export_classes, load_export
 from .freeze import FreezeSpecError
@@ -41,7 +41,7 @@ from .model import build_model
 from .plot import PlotError, figure_class, plot_confusion, plot_lr_find, plot_run
 from .predict import format_rows, image_files, predict, predict_workers, write_predictions
 from .rng import rngs_kept, seed_everything
-from .run import prepare_model
+from .run import pick_device, prepare_model
 from .saving import DivergedError, write_csv
 from .train import Stopped, fit
 from .weights import inspect_weights, plan_load

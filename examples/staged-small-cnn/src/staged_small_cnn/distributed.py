@@ -46,29 +46,16 @@ class World:
 SINGLE = World()
 
 
-def pick_device(name: str | None = None) -> torch.device:
-    """--device, else CUDA where there is one; a device this machine lacks is one line, not a traceback later."""
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ConfigError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: this machine has no CUDA device; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
-    return device
-
-
-def start(device: str | None) -> tuple[World, torch.device]:
+def start(dev: torch.device) -> tuple[World, torch.device]:
     """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU), if any.
 
-    Joining twice in one process is harmless: the group is kept until stop().
+    `dev` is --device as run.pick_device checked it. Joining twice in one
+    process is harmless: the group is kept until stop().
     """
-    dev = pick_device(device)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return SINGLE, dev
     if dev.index is not None:
-        raise ConfigError(f"--device {device}: under torchrun each process takes cuda:LOCAL_RANK; pass --device cuda")
+        raise ConfigError(f"--device {dev}: under torchrun each process takes cuda:LOCAL_RANK; pass --device cuda")
     if dev.type == "cuda":
         local_rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
         if local_rank >= gpus:
