@@ -13,23 +13,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import (
-    CheckpointError,
     RunFiles,
     atomic_write,
     config_hash,
     non_finite,
-    read_state_dict,
     safetensors_bytes,
     torch_bytes,
-    torch_load,
 )
 from .freeze import manifest
 from .lora import ADAPTER_FILE, adapter_state_dict, merged_state_dict, scale_metadata
 from .rng import rng_state
 
 if TYPE_CHECKING:
-    import torch
-
     from .run import Run
 
 
@@ -123,33 +118,6 @@ def save_best(run: Run, epoch: int, monitor: str, value: float) -> None:
     weights = merged_state_dict(run.model)
     run.files.save("best.pt", torch_bytes(weights), {**info, "format": "state_dict"})
     run.files.save("best.safetensors", safetensors_bytes(weights, metadata), {**info, "format": "safetensors"})
-
-
-def find_best(folders: list[Path], epoch: int, where: str) -> Path:
-    """The file holding the weights of `epoch`, the best so far, checked against checkpoints.json.
-
-    best.* when it holds that epoch; else a kept epoch-NNNN.ckpt of it. A
-    resume from an earlier checkpoint (or one after a kill during a save)
-    can find best.* already holding a later epoch.
-    """
-    names = ["best.safetensors", "best.pt", f"epoch-{epoch:04d}.ckpt"]
-    for folder in folders:
-        files = RunFiles(folder)
-        for name in names:
-            if name in files.files and files.verify(name)["epoch"] == epoch:
-                return folder / name
-    raise CheckpointError(
-        f"{where}: no file holds the best weights so far, of epoch {epoch} (looked for {', '.join(names)} in "
-        f"{', '.join(map(str, folders))}); set restore_best = false to go on without them"
-    )
-
-
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A state_dict from best.* or from a full checkpoint's model."""
-    if path.suffix != ".ckpt":
-        return read_state_dict(path)
-    checkpoint = torch_load(path)
-    return checkpoint["model"]
 
 
 def full_info(checkpoint: dict[str, Any]) -> dict[str, Any]:

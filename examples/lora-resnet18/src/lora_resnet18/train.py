@@ -25,7 +25,7 @@ from .data import DEFAULT_DATA
 from .freeze import Stage, manifest, unfreeze_stage
 from .optim import add_groups, param_groups
 from .run import Asked, Run, open_run, start_run
-from .saving import DivergedError, find_best, read_weights, save, write_json, write_metrics
+from .saving import DivergedError, save, write_json, write_metrics
 
 # How often a step reads back whether the loss stayed finite.
 CHECK_EVERY = 16
@@ -177,8 +177,6 @@ def begin_stages(run: Run, epoch: int) -> None:
     """Start every unfreeze stage due at `epoch`: release its part, in new param groups on the schedule."""
     while (why := stage_due(run, epoch)) is not None:
         stage = run.stages[run.state.stages_done]
-        if stage.restore_best:
-            why += restore_best(run)
         names = unfreeze_stage(run.model, run.state, stage, run.config.freeze.bn_modes, epoch)
         label = f"stage{run.state.stages_done}"
         new = param_groups(run.model, run.config, names, label, stage.lr_mult, epoch, stage.warmup_epochs)
@@ -223,21 +221,6 @@ def best_epoch(run: Run) -> tuple[str, int | None]:
     if not values:
         return monitor, None
     return monitor, run.history[values.index(min(values) if mode == "min" else max(values))]["epoch"]
-
-
-def restore_best(run: Run) -> str:
-    """Put the best weights so far back, as a stage with restore_best asks; the optimizer state carries on.
-
-    Every weight returns to its best epoch's value, a part an earlier stage
-    released since included (its optimizer state stays as trained).
-    """
-    _, epoch = best_epoch(run)
-    # A resume into another folder finds the best weights in the one it came from.
-    folders = [run.out] + ([run.resumed_from.parent] if run.resumed_from is not None else [])
-    where = f"unfreeze.stages[{run.state.stages_done}].restore_best"
-    path = find_best(folders, epoch, where)
-    run.model.load_state_dict(read_weights(path))
-    return f"; restored the best weights, of epoch {epoch} ({path.name})"
 
 
 def stage_line(model: nn.Module, epoch: int, stage: Stage, names: list[str], groups: list[dict[str, Any]]) -> str:
