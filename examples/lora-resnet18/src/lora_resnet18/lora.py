@@ -136,9 +136,14 @@ def describe(model: nn.Module) -> str:
     if not names:
         return "LoRA: no adapters (lora.target = []): only keep_trainable trains"
     shown = ", ".join(names[:3]) + (f", ... (+{len(names) - 3})" if len(names) > 3 else "")
-    first = model.get_submodule(names[0])
-    rank, scale = first.r["default"], first.scaling["default"]
-    return f"LoRA (rank {rank}, scale alpha/rank = {scale:g}) on {len(names)} modules: {shown}"
+    rank, alpha = rank_alpha(model, names)
+    return f"LoRA (rank {rank}, scale alpha/rank = {alpha / rank:g}) on {len(names)} modules: {shown}"
+
+
+def rank_alpha(model: nn.Module, names: list[str]) -> tuple[int, float]:
+    """The rank and alpha of the adapters on `names`: attach gives every one the same."""
+    layer = model.get_submodule(names[0])
+    return layer.r["default"], layer.lora_alpha["default"]
 
 
 @torch.no_grad()
@@ -169,8 +174,8 @@ def scale_metadata(model: nn.Module) -> dict[str, str]:
     names = adapted(model)
     if not names:
         return {}
-    layer = model.get_submodule(names[0])
-    return {"lora_rank": str(layer.r["default"]), "lora_alpha": str(layer.lora_alpha["default"])}
+    rank, alpha = rank_alpha(model, names)
+    return {"lora_rank": str(rank), "lora_alpha": str(alpha)}
 
 
 def adapter_state_dict(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
