@@ -174,10 +174,13 @@ def test_a_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path):
     assert "weights_only" not in str(excinfo.value)  # never the advice that would run it
 
 
-def test_a_legacy_pickle_that_runs_code_is_refused_without_the_unsafe_advice(tmp_path):
+# Protocol 2 names a callable with GLOBAL, 4 with STACK_GLOBAL; torch warns that it expected 2, which is the point.
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_legacy_pickle_that_runs_code_is_refused_without_the_unsafe_advice(tmp_path, protocol):
     marker = tmp_path / "pwned"
     with open(tmp_path / "old.pt", "wb") as f:
-        pickle.dump({"state_dict": {}, "payload": RunsCode(marker)}, f)  # no zip: the pre-1.6 layout
+        pickle.dump({"state_dict": {}, "payload": RunsCode(marker)}, f, protocol=protocol)  # no zip: the pre-1.6 layout
     with pytest.raises(CheckpointError, match="refused: loading it would run code from .*system") as excinfo:
         torch_load(tmp_path / "old.pt")
     assert "weights_only" not in str(excinfo.value)
