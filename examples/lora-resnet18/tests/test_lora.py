@@ -141,6 +141,17 @@ def test_an_adapter_file_of_another_model_is_refused_in_one_line(tmp_path, confi
         load_adapter(model, tmp_path / "alpha.safetensors")
 
 
+def test_an_adapter_file_onto_another_base_is_refused_and_the_model_left_as_it_was(tmp_path, config, monkeypatch):
+    fitted(config, tmp_path, "run", monkeypatch, epochs=1)
+    # Every key and shape fits; only the base differs, as it does when the seed (or the --init file) is left out.
+    seed_everything(config.train.seed + 1)
+    other = prepare_model(config)[0]
+    before = {key: tensor.clone() for key, tensor in other.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"trained on another base \(SHA-256 [0-9a-f]{12}\.\.\., this model's is"):
+        load_adapter(other, tmp_path / "run" / ADAPTER_FILE)
+    assert all(torch.equal(before[key], tensor) for key, tensor in other.state_dict().items())
+
+
 def test_evaluate_reads_a_lora_runs_last_ckpt_merged(tmp_path, config, monkeypatch):
     model, _ = fitted(config, tmp_path, "run", monkeypatch, epochs=1)
     x = example_inputs(config, 4)

@@ -11,12 +11,16 @@ Two files come out of a run:
                               a model built without peft loads.
   best_adapter.safetensors    what differs from the base: the adapters, the
                               head and every buffer (BatchNorm's running
-                              statistics, which peft's own save leaves out).
+                              statistics, which peft's own save leaves out),
+                              with the SHA-256 of the base it was trained on:
+                              on any other base it would load without a word
+                              and compute something else.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 from pathlib import Path
 
@@ -24,6 +28,7 @@ import peft
 import torch
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
+from safetensors.torch import save
 from torch import nn
 
 from .checkpoint import CheckpointError, read_state_dict
@@ -185,11 +190,23 @@ def adapter_state_dict(model: nn.Module, weights: dict[str, torch.Tensor]) -> di
     return {key: tensor for key, tensor in weights.items() if key in kept}
 
 
+def base_sha256(weights: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor]) -> str:
+    """The SHA-256 of the tensors of `weights` that the adapter file leaves out: the base it goes back onto."""
+    digest = hashlib.sha256()
+    for name in sorted(set(weights) - set(adapter)):
+        # One tensor at a time, name, dtype and shape included, so no second copy of the model is held.
+        digest.update(save({name: weights[name].detach().cpu().contiguous()}))
+    return digest.hexdigest()
+
+
 def load_adapter(model: nn.Module, path: str | Path) -> None:
     """best_adapter.safetensors onto a model that prepare_model built: the same base, with adapters attached.
 
-    Every tensor that trains must be in the file and every key of the file in
-    the model; anything else is one line, and the model is left untouched.
+    Every tensor that trains must be in the file, every key of the file in
+    the model, and the rest of the model must be the base the file records;
+    anything else is one line, and the model is left untouched. (A file
+    written before adapter files recorded their base is loaded without that
+    last check.)
     """
     with safe_open(str(path), "pt") as file:
         saved = file.metadata() or {}
@@ -208,6 +225,12 @@ def load_adapter(model: nn.Module, path: str | Path) -> None:
     for what, keys in problems.items():
         if keys:
             raise CheckpointError(f"{path}: not an adapter of this model: {len(keys)} {what} (first: {keys[0]})")
+    recorded = saved.get("lora_base_sha256")
+    if recorded is not None and recorded != (actual := base_sha256(own, tensors)):
+        raise CheckpointError(
+            f"{path}: trained on another base (SHA-256 {recorded[:12]}..., this model's is {actual[:12]}...); "
+            "build the model as the run did: its config.toml, its --init file, its train.seed"
+        )
     model.load_state_dict(tensors, strict=False)
 
 

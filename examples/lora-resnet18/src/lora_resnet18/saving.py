@@ -21,7 +21,7 @@ from .checkpoint import (
     torch_bytes,
 )
 from .freeze import manifest
-from .lora import ADAPTER_FILE, adapter_state_dict, merged_state_dict, scale_metadata
+from .lora import ADAPTER_FILE, adapter_state_dict, base_sha256, merged_state_dict, scale_metadata
 from .rng import rng_state
 
 if TYPE_CHECKING:
@@ -112,8 +112,9 @@ def save_best(run: Run, epoch: int, monitor: str, value: float) -> None:
         "config_sha256": config_hash(run.config.to_dict()),
         "classes": json.dumps(run.classes),
     }
-    adapter = safetensors_bytes(adapter_state_dict(run.model, weights), {**metadata, **scale_metadata(run.model)})
-    run.files.save(ADAPTER_FILE, adapter, {**info, "format": "lora_adapter"})
+    adapter = adapter_state_dict(run.model, weights)
+    recorded = {**metadata, **scale_metadata(run.model), "lora_base_sha256": base_sha256(weights, adapter)}
+    run.files.save(ADAPTER_FILE, safetensors_bytes(adapter, recorded), {**info, "format": "lora_adapter"})
     # best.* is what a model built without peft loads: each weight with its update merged in.
     weights = merged_state_dict(run.model)
     run.files.save("best.pt", torch_bytes(weights), {**info, "format": "state_dict"})
