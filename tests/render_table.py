@@ -3,7 +3,9 @@
 examples/ is kept identical to fresh renders by tests/test_examples.py, so
 the counts are the generated code's own; the last row is a fresh render of
 the smallest teaching project (small_cnn, no features, every format), which
-no example holds. A test checks that README.md holds exactly this table.
+no example holds. A second table lists that render's modules, each with the
+first line of its docstring. A test checks that README.md holds exactly these
+tables.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tests.conftest import ROOT
 from tests.regen_examples import EXAMPLES
 
 BEGIN, END = "<!-- render-table:begin -->", "<!-- render-table:end -->"
+MODULES_BEGIN, MODULES_END = "<!-- module-table:begin -->", "<!-- module-table:end -->"
 
 
 def lines(path: Path) -> int:
@@ -69,30 +72,59 @@ def row(project: Path, name: str) -> str:
     )
 
 
-def bare_teaching_row() -> str:
+def bare_teaching(tmp: str) -> Path:
     answers = {"project_name": "teaching-bare", "profile": "teaching", "backbone": "small_cnn"}
     answers["checkpoint_formats"] = ["state_dict", "safetensors", "full"]
-    with tempfile.TemporaryDirectory() as tmp:
-        return row(render(Path(tmp) / "teaching-bare", {**answers, "features": []}, src=ROOT), "a fresh render")
+    return render(Path(tmp) / "teaching-bare", {**answers, "features": []}, src=ROOT)
 
 
-def table() -> str:
+# The modules that hold only the core every render keeps, whatever the answers (README: profiles).
+CORE = ("freeze", "checkpoint", "config", "weights", "batchnorm", "optim", "integrity", "runfolder", "rng", "run")
+CORE += ("train", "saving", "model")
+
+
+def module_table(project: Path) -> str:
+    """Each module of `project` by size, with its docstring's first line; then the core's total."""
+    rows = ["| module | core | lines (code) | what it holds |", "|---|---|---:|---|"]
+    src = sorted((project / "src").rglob("*.py"), key=lambda path: (-code_lines(path), path.name))
+    for path in src:
+        if code_lines(path) == 0:
+            continue
+        doc = ast.get_docstring(ast.parse(path.read_text())) or "-"
+        core = "yes" if path.stem in CORE else ""
+        rows.append(f"| `{path.name}` | {core} | {lines(path)} ({code_lines(path)}) | {doc.splitlines()[0]} |")
+    core = [path for path in src if path.stem in CORE]
+    total = f"{sum(map(lines, core)):,} ({sum(map(code_lines, core)):,})"
+    rows.append(f"| the {len(core)} core modules | | {total} | |")
+    return "\n".join(rows)
+
+
+def tables() -> tuple[str, str]:
+    """The table of renders, and the module table of a fresh bare teaching render."""
     header = [
         "| example | profile | features | modules | lines in `src/` (code) | `train.py` (code) | longest function "
         "| test files |",
         "|---|---|---|---:|---:|---:|---|---:|",
     ]
     examples = [row(ROOT / "examples" / name, f"`{name}`") for name in EXAMPLES]
-    return "\n".join([*header, *examples, bare_teaching_row()])
+    with tempfile.TemporaryDirectory() as tmp:
+        bare = bare_teaching(tmp)
+        return "\n".join([*header, *examples, row(bare, "a fresh render")]), module_table(bare)
 
 
-def readme_table(text: str) -> str:
-    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+def readme_table(text: str, begin: str = BEGIN, end: str = END) -> str:
+    return text.split(begin, 1)[1].split(end, 1)[0].strip()
+
+
+def replace_table(text: str, fresh: str, begin: str, end: str) -> str:
+    before, rest = text.split(begin, 1)
+    return f"{before}{begin}\n{fresh}\n{end}{rest.split(end, 1)[1]}"
 
 
 if __name__ == "__main__":
     readme = ROOT / "README.md"
-    before, rest = readme.read_text().split(BEGIN, 1)
-    fresh = table()
-    readme.write_text(f"{before}{BEGIN}\n{fresh}\n{END}{rest.split(END, 1)[1]}")
-    print(fresh)
+    renders, modules = tables()
+    text = replace_table(readme.read_text(), renders, BEGIN, END)
+    readme.write_text(replace_table(text, modules, MODULES_BEGIN, MODULES_END))
+    print(renders)
+    print(modules)

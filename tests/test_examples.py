@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.regen_examples import EXAMPLES, render_example
-from tests.render_table import readme_table, table
+from tests.render_table import MODULES_BEGIN, MODULES_END, readme_table, tables
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -39,5 +39,8 @@ def test_examples_are_ruff_clean():
             assert proc.returncode == 0, f"{example}: {proc.stdout}{proc.stderr}"
 
 
-def test_the_readme_table_of_renders_matches_the_examples():
-    assert readme_table((ROOT / "README.md").read_text()) == table(), "run `python -m tests.render_table`"
+def test_the_readme_tables_of_renders_and_modules_match_fresh_code():
+    readme = (ROOT / "README.md").read_text()
+    renders, modules = tables()
+    assert readme_table(readme) == renders, "run `python -m tests.render_table`"
+    assert readme_table(readme, MODULES_BEGIN, MODULES_END) == modules, "run `python -m tests.render_table`"
