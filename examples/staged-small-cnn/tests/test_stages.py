@@ -12,8 +12,8 @@ from conftest import has_params, pretrained_like, shrink, to_toml
 from staged_small_cnn import run, train
 from staged_small_cnn.checkpoint import CheckpointError, read_state_dict, torch_load
 from staged_small_cnn.cli import main
-from staged_small_cnn.config import ConfigError, load_config
-from staged_small_cnn.freeze import FreezeSpecError, parse_stages, resolve
+from staged_small_cnn.config import ConfigError, check, load_config, parse_stages
+from staged_small_cnn.freeze import resolve
 from staged_small_cnn.model import build_model
 
 EPOCHS = 4
@@ -120,7 +120,7 @@ def test_a_stage_with_a_typo_fails_before_training(tmp_path, config, capsys):
 @pytest.mark.parametrize(
     ("stage", "message"),
     [
-        ({"epoch": 1, "select": "*", "epochs": 2}, "unknown key 'epochs'"),
+        ({"epoch": 1, "select": "*", "epochs": 2}, "unknown key 'epochs'; did you mean epoch"),
         ({"epoch": 1}, "select is missing"),
         ({"epoch": 0, "select": "*"}, "needs epoch >= 1"),
         ({"epoch": 1, "select": "*", "lr_mult": "0.1"}, "lr_mult = '0.1' has the wrong type"),
@@ -129,10 +129,10 @@ def test_a_stage_with_a_typo_fails_before_training(tmp_path, config, capsys):
         ({"epoch": 1, "select": "*", "restore_best": 1}, "restore_best = 1 has the wrong type"),
     ],
 )
-def test_a_malformed_stage_is_an_error(config, stage, message):
+def test_a_malformed_stage_is_a_config_error_before_a_model_is_built(config, stage, message):
     config.unfreeze.stages = [stage]
-    with pytest.raises(FreezeSpecError, match=message):
-        run.prepare_model(config)
+    with pytest.raises(ConfigError, match=message):
+        check(config)
 
 
 def stall_after_epoch_1(monkeypatch) -> None:

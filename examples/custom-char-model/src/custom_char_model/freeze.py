@@ -1,4 +1,4 @@
-r"""The freeze engine: one selector grammar, the freeze state, unfreeze stages.
+r"""The freeze engine: one selector grammar, the freeze state, releasing unfreeze stages (config.py parses them).
 
 A selector picks parameters (and the modules that hold them):
 
@@ -35,6 +35,7 @@ from typing import Any
 from torch import nn
 
 from .batchnorm import AFFINE_FIXED, BN_MODES, batchnorm_layers, mode_of, set_mode
+from .config import Stage
 
 Selector = str | int
 BN_POLICY = "eval_frozen"
@@ -277,56 +278,6 @@ def apply(model: nn.Module, state: FreezeState) -> None:
 # ---------------------------------------------------------------------------
 # Unfreeze stages
 # ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Stage:
-    """Release `select` at `epoch`; with `patience`, as soon as the monitored metric stalls that long."""
-
-    epoch: int
-    select: list[Selector]
-    lr_mult: float = 1.0
-    warmup_epochs: int = 0
-    patience: int | None = None
-    restore_best: bool = False
-
-
-STAGE_KEYS = {
-    "epoch": int,
-    "select": (str, int, list),
-    "lr_mult": (float, int),
-    "warmup_epochs": int,
-    "patience": int,
-    "restore_best": bool,
-}
-
-
-def parse_stages(raw: list[Any]) -> list[Stage]:
-    """[[unfreeze.stages]] tables as Stage objects, checked; ordered by epoch (ties keep file order)."""
-    stages = []
-    for i, table in enumerate(raw):
-        where = f"unfreeze.stages[{i}]"
-        if not isinstance(table, dict):
-            raise FreezeSpecError(f"{where} must be a table with epoch and select, got {table!r}")
-        unknown = set(table) - set(STAGE_KEYS)
-        if unknown:
-            key = sorted(unknown)[0]
-            raise FreezeSpecError(f"{where}: unknown key {key!r}; known: {', '.join(STAGE_KEYS)}")
-        for key in ("epoch", "select"):
-            if key not in table:
-                raise FreezeSpecError(f"{where}: {key} is missing")
-        for key, kind in STAGE_KEYS.items():
-            if key in table and (not isinstance(table[key], kind) or isinstance(table[key], bool) != (kind is bool)):
-                raise FreezeSpecError(f"{where}: {key} = {table[key]!r} has the wrong type")
-        select = table["select"] if isinstance(table["select"], list) else [table["select"]]
-        options = {key: table[key] for key in STAGE_KEYS if key in table and key not in ("epoch", "select")}
-        stage = Stage(table["epoch"], select, **{**options, "lr_mult": float(options.get("lr_mult", 1.0))})
-        if stage.epoch < 1 or stage.lr_mult <= 0 or stage.warmup_epochs < 0 or not select:
-            raise FreezeSpecError(f"{where}: needs epoch >= 1, lr_mult > 0, warmup_epochs >= 0 and a selection")
-        if stage.patience is not None and stage.patience < 1:
-            raise FreezeSpecError(f"{where}: patience = {stage.patience}; it must be at least 1 epoch")
-        stages.append(stage)
-    return sorted(stages, key=lambda s: s.epoch)
 
 
 def check_stages(model: nn.Module, stages: list[Stage]) -> None:

@@ -23,7 +23,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .checkpoint import RunFiles, atomic_write, load_resume, torch_load
-from .config import Config, ConfigError, LogConfig, TrainConfig, apply_overrides, check, from_dict, load_config
+from .config import (
+    Config,
+    ConfigError,
+    LogConfig,
+    Stage,
+    TrainConfig,
+    apply_overrides,
+    check,
+    from_dict,
+    load_config,
+    parse_stages,
+)
 from .data import DEFAULT_DATA, class_names, make_datasets, saved_split
 from .distributed import World, on_main, start, wrap
 from .ema import EMA
@@ -31,12 +42,10 @@ from .features import CachedBatches, cache_decision, cache_risks
 from .freeze import (
     FreezeState,
     Selector,
-    Stage,
     apply,
     check_stages,
     freeze,
     manifest,
-    parse_stages,
     state_from_manifest,
 )
 from .grad_checkpointing import checkpoint_blocks

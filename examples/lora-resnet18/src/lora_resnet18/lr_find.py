@@ -26,8 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
-from .config import Config, ConfigError
-from .freeze import FreezeState, parse_stages, unfreeze_stage
+from .config import Config, ConfigError, parse_stages
+from .freeze import FreezeState, unfreeze_stage
 from .optim import lr_factor, make_optimizer, param_groups, trainable_names
 from .rng import rngs_kept
 from .runfolder import LR_FIND_FILES, run_files

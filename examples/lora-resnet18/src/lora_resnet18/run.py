@@ -23,17 +23,24 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from .checkpoint import RunFiles, atomic_write, load_resume
-from .config import Config, ConfigError, apply_overrides, check, from_dict, load_config
+from .config import (
+    Config,
+    ConfigError,
+    Stage,
+    apply_overrides,
+    check,
+    from_dict,
+    load_config,
+    parse_stages,
+)
 from .data import DEFAULT_DATA, class_names, example_inputs, make_datasets, saved_split
 from .freeze import (
     FreezeState,
     Selector,
-    Stage,
     apply,
     check_stages,
     freeze,
     manifest,
-    parse_stages,
     state_from_manifest,
 )
 from .integrity import Integrity, check_optimizer

@@ -44,7 +44,8 @@ class FreezeConfig:
 
 @dataclass
 class UnfreezeConfig:
-    # Each stage is a table of epoch, select, lr_mult and warmup_epochs; freeze.parse_stages reads them.
+    # Each stage is a table of epoch, select, lr_mult and warmup_epochs, kept as the file wrote it (a run's
+    # config.toml and its hash stay as they were); parse_stages below checks them and gives Stage objects.
     stages: list[dict[str, Any]]
 
 
@@ -220,9 +221,63 @@ def check(config: Config) -> None:
         for key, expected in get_type_hints(kind).items():
             if not _fits(getattr(values, key), expected):
                 raise ConfigError(f"{section}.{key} = {getattr(values, key)!r}: must be {_describe(expected)}")
+    parse_stages(config.unfreeze.stages)  # each stage table's keys and types, before the rules read them
     for key, value, ok, allowed in _rules(config):
         if not ok:
             raise ConfigError(f"{key} = {value!r}: {allowed}")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Release `select` at `epoch`; with `patience`, as soon as the monitored metric stalls that long."""
+
+    epoch: int
+    select: list[Selector]
+    lr_mult: float = 1.0
+    warmup_epochs: int = 0
+    patience: int | None = None
+    restore_best: bool = False
+
+
+STAGE_KEYS = {
+    "epoch": int,
+    "select": (str, int, list),
+    "lr_mult": (float, int),
+    "warmup_epochs": int,
+    "patience": int,
+    "restore_best": bool,
+}
+
+
+def parse_stages(raw: list[Any]) -> list[Stage]:
+    """[[unfreeze.stages]] tables as Stage objects, checked; ordered by epoch (ties keep file order).
+
+    check() runs it, so a bad table fails when the config loads; the selections are resolved on the model later.
+    """
+    stages = []
+    for i, table in enumerate(raw):
+        where = f"unfreeze.stages[{i}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} must be a table with epoch and select, got {table!r}")
+        unknown = set(table) - set(STAGE_KEYS)
+        if unknown:
+            key = sorted(unknown)[0]
+            raise ConfigError(f"{where}: unknown key {key!r}{_near(key, STAGE_KEYS)}")
+        for key in ("epoch", "select"):
+            if key not in table:
+                raise ConfigError(f"{where}: {key} is missing")
+        for key, kind in STAGE_KEYS.items():
+            if key in table and (not isinstance(table[key], kind) or isinstance(table[key], bool) != (kind is bool)):
+                raise ConfigError(f"{where}: {key} = {table[key]!r} has the wrong type")
+        select = table["select"] if isinstance(table["select"], list) else [table["select"]]
+        options = {key: table[key] for key in STAGE_KEYS if key in table and key not in ("epoch", "select")}
+        stage = Stage(table["epoch"], select, **{**options, "lr_mult": float(options.get("lr_mult", 1.0))})
+        if stage.epoch < 1 or stage.lr_mult <= 0 or stage.warmup_epochs < 0 or not select:
+            raise ConfigError(f"{where}: needs epoch >= 1, lr_mult > 0, warmup_epochs >= 0 and a selection")
+        if stage.patience is not None and stage.patience < 1:
+            raise ConfigError(f"{where}: patience = {stage.patience}; it must be at least 1 epoch")
+        stages.append(stage)
+    return sorted(stages, key=lambda s: s.epoch)
 
 
 def _fits(value: Any, expected: Any) -> bool:

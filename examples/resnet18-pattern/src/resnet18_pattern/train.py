@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .config import Config
+from .config import Config, Stage
 from .data import DEFAULT_DATA
 from .distributed import SINGLE, World, all_sum, check_in_sync, on_main, sync_buffers
 from .features import build_cache
-from .freeze import Stage, manifest, unfreeze_stage
+from .freeze import manifest, unfreeze_stage
 from .model import HEAD
 from .optim import add_groups, optimizer_step, param_groups
 from .run import Asked, Run, make_net, open_run, start_run

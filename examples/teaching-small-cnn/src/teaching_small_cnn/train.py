@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .config import Config
+from .config import Config, Stage
 from .data import DEFAULT_DATA
-from .freeze import Stage, manifest, unfreeze_stage
+from .freeze import manifest, unfreeze_stage
 from .optim import add_groups, param_groups
 from .run import Asked, Run, open_run, start_run
 from .saving import DivergedError, find_best, read_weights, save, write_json, write_metrics

@@ -30,9 +30,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import CheckpointError, read_state_dict
-from .config import Config, load_config
+from .config import Config, Stage, load_config
 from .data import DEFAULT_DATA, make_datasets
-from .freeze import FreezeSpecError, FreezeState, Stage, freeze, unfreeze_stage
+from .freeze import FreezeSpecError, FreezeState, freeze, unfreeze_stage
 from .model import HEAD, build_model
 from .optim import add_groups, cosine_schedule, make_optimizer, param_groups
 from .rng import seed_everything
