@@ -35,9 +35,8 @@ from typing import Any
 from torch import nn
 
 from .batchnorm import AFFINE_FIXED, BN_MODES, batchnorm_layers, mode_of, set_mode
-from .config import Stage
+from .config import Selector, Stage
 
-Selector = str | int
 BN_POLICY = "eval_frozen"
 
 
