@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import pickletools
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -33,6 +34,8 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 NESTED_KEYS = ("state_dict", "model", "model_state", "module")
 PREFIXES = ("module.", "_orig_mod.")
 MANIFEST = "checkpoints.json"
+# The names a checkpoints.json may list: plain file names in its folder, never a path or a hidden file.
+LISTED_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # What a plain legacy state_dict pickle imports, all of which weights_only loads.
 WEIGHTS_ONLY_GLOBALS = ("torch._utils._rebuild_", "torch.FloatStorage", "torch.LongStorage", "torch.HalfStorage")
 WEIGHTS_ONLY_GLOBALS += ("torch.BFloat16Storage", "torch.DoubleStorage", "torch.IntStorage", "collections.OrderedDict")
@@ -144,14 +147,17 @@ class RunFiles:
                 files = json.loads(self.path.read_text())["files"]
             except (ValueError, KeyError, TypeError):
                 files = None
-            # Each entry is read for its hash before any file is trusted.
-            if not isinstance(files, dict) or not all(
-                isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("size"), int)
-                for e in files.values()
-            ):
+            # Each entry is read for its name, hash and epoch before any file is trusted.
+            if not isinstance(files, dict) or not all(map(well_formed, files.values())):
                 raise CheckpointError(
-                    f"{self.path} is damaged: expected a table of files, each with its sha256, as a run writes it; "
-                    "move it aside to use the folder's files unchecked"
+                    f"{self.path} is damaged: expected a table of files, each with its sha256, size and epoch, "
+                    "as a run writes it; move it aside to use the folder's files unchecked"
+                )
+            strange = [name for name in files if not LISTED_NAME.fullmatch(name)]
+            if strange:
+                raise CheckpointError(
+                    f"{self.path} lists {strange[0]!r}, not a plain file name in its folder "
+                    "(letters, digits, '_', '-', '.'); move it aside to use the folder's files unchecked"
                 )
             self.files = files
 
@@ -203,6 +209,13 @@ class RunFiles:
     def _write(self) -> None:
         text = json.dumps({"files": self.files}, indent=2)
         atomic_write(self.path, lambda f: f.write(text.encode()))
+
+
+def well_formed(entry: Any) -> bool:
+    """A checkpoints.json entry as RunFiles.save writes it: sha256, size and a whole epoch number."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        return False
+    return all(isinstance(entry.get(key), int) and not isinstance(entry.get(key), bool) for key in ("size", "epoch"))
 
 
 def verify_in_run(path: str | Path) -> None:

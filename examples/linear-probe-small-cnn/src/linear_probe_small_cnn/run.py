@@ -312,6 +312,11 @@ def start_run(config: Config | None, asked: Asked) -> Run:
     if out is None:
         raise ConfigError("no run folder: pass --out or --resume")
     resuming = resume is not None and Path(out).resolve() == resume.parent.resolve()
+    if resuming and asked.overwrite:
+        raise ConfigError(
+            f"--resume {asked.resume} continues the run in {out}, which --overwrite would delete first; "
+            "pass one of them"
+        )
     check_free(Path(out), resuming=resuming, overwrite=asked.overwrite)
     # The model starts the same on every rank; what a step draws (dropout,
     # augmentation) is seeded per rank in open_run.
@@ -344,10 +349,15 @@ def start_run(config: Config | None, asked: Asked) -> Run:
     return run
 
 
+def resuming(run: Run) -> bool:
+    """Whether this run continues the run its folder holds (a --resume into its own folder)."""
+    return run.resumed_from is not None and run.out.resolve() == run.resumed_from.parent.resolve()
+
+
 def open_run(run: Run, asked: Asked) -> None:
     """Claim the run folder (its lock, then the old run's files if asked), then the optimizer and the loaders."""
     if run.world.main:
-        run.lock = claim(run.out, overwrite=asked.overwrite)
+        run.lock = claim(run.out, resuming=resuming(run), overwrite=asked.overwrite)
         run.files = RunFiles(run.out)
         print(freeze_summary(run.model, run.state))
     seed_everything(run.config.train.seed + run.world.rank)

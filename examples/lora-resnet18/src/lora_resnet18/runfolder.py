@@ -9,6 +9,7 @@ killed run never leaves a stale lock behind.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -48,28 +49,73 @@ def check_free(folder: Path, *, resuming: bool, overwrite: bool) -> None:
         )
 
 
-def claim(folder: Path, *, overwrite: bool) -> IO[str]:
-    """Lock `folder` for this process; with `overwrite`, remove the old run's files first.
+def claim(folder: Path, *, resuming: bool, overwrite: bool) -> IO[str]:
+    """Lock `folder` for this process, check under the lock that it is free, then clear it.
 
-    Also removes the temp files of a save that a killed process left. The
-    returned file holds the lock until it is closed or the process ends.
+    The folder is checked again once the lock is held: another process may
+    have started a run in it since start_run looked. With `overwrite` the old
+    run's files go; the temp files of a save that a killed process left go
+    too. Nothing is opened through a symbolic link. A refusal leaves the
+    folder as it found it. The returned file holds the lock until it is
+    closed or the process ends.
     """
+    made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    lock = open(folder / LOCK, "a+")  # held open for the whole run: closing it releases the lock
+    lock_path = folder / LOCK
+    fresh = not lock_path.is_symlink() and not lock_path.exists()
+    try:
+        # O_NOFOLLOW: a .lock that is a link (to a file outside the run) is refused, never written.
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        undo_claim(folder, made, fresh=False)
+        why = "is a symbolic link" if lock_path.is_symlink() else f"cannot be opened ({err.strerror})"
+        raise ConfigError(f"{lock_path} {why}; a run folder's files are never written through a link") from None
+    lock = os.fdopen(fd, "r+")  # held open for the whole run: closing it releases the lock
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        lock.seek(0)
         holder = lock.read().strip() or "unknown"
         lock.close()
         raise ConfigError(
             f"{folder} is in use by another run (process {holder}); wait for it or pass another --out"
         ) from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
+    try:
+        check_free(folder, resuming=resuming, overwrite=overwrite)
+        if not overwrite:  # --overwrite removes the links themselves, never what they point to
+            check_links(folder)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+    except (ConfigError, OSError) as err:
+        lock.close()
+        undo_claim(folder, made, fresh)
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{folder}: cannot write the run's lock ({err.strerror}); nothing was written") from None
+    clear(folder, overwrite=overwrite)
+    return lock
+
+
+def check_links(folder: Path) -> None:
+    """A run's own file or store that is a symbolic link is refused: the run would write or delete through it."""
+    names = [p.name for p in folder.iterdir() if p.is_symlink() and (RUN_FILES.match(p.name))]
+    if names:
+        raise ConfigError(
+            f"{folder / names[0]} is a symbolic link; a run folder's files are never written through a link: remove it"
+        )
+
+
+def undo_claim(folder: Path, made: bool, fresh: bool) -> None:
+    """Leave the folder as a refused claim found it: its .lock, and the folder itself, only if this claim made them."""
+    if fresh:
+        (folder / LOCK).unlink(missing_ok=True)
+    if made:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def clear(folder: Path, *, overwrite: bool) -> None:
+    """The temp files of a killed save; with `overwrite`, the old run's files."""
     for path in folder.iterdir():
         if TEMP_FILE.match(path.name) or (overwrite and RUN_FILES.match(path.name)):
             path.unlink()
-    return lock
