@@ -272,7 +272,8 @@ def test_every_file_a_run_writes_is_recorded_and_reloads_safely(tmp_path, config
     history = fit(config, out, epochs=2, device="cpu")
     manifest = json.loads((out / "checkpoints.json").read_text())["files"]
     # .lock is the run's lock (its holder's PID), not a result.
-    records = {"checkpoints.json", "metrics.csv", "freeze_manifest.json", "config.toml", "classes.json", ".lock"}
+    records = {"checkpoints.json", "metrics.csv", "freeze_manifest.json", "config.toml", "classes.json", "data.json"}
+    records.add(".lock")
     written = {p.name for p in out.iterdir()} - records
     assert written == set(manifest), "a file of the run folder is missing from checkpoints.json"
     # The resolved config, as a file --config reads back.

@@ -208,10 +208,11 @@ def test_a_lock_that_is_a_symbolic_link_is_refused_and_its_target_untouched(tmp_
 def test_a_run_started_in_the_folder_after_the_first_look_is_seen_under_the_lock(tmp_path, small):
     """Two trains into one new folder: the one that takes the lock second is refused, and never mixes its files in."""
     from resnet18_pattern.config import ConfigError
+    from resnet18_pattern.data import DEFAULT_DATA
     from resnet18_pattern.run import Asked, open_run, start_run
 
     out = tmp_path / "race"
-    asked = Asked(out, "synthetic", 1, None, None, (), "cpu", None, False)
+    asked = Asked(out, DEFAULT_DATA, 1, None, None, (), "cpu", None, False)
     late = start_run(small, asked)  # looked while the folder was free
     fit(small, out, epochs=1, device="cpu")  # the other run, which took the lock first
     before = files_of(out)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch.utils.data import Dataset
 
@@ -27,6 +33,40 @@ def make_datasets(data: str, config: Config) -> tuple[Dataset, Dataset]:
         if len(dataset) == 0:
             raise DataError(f"custom_data {DATA_FACTORY}: the {split} dataset is empty")
     return result
+
+
+def data_record(data: str, train: Dataset, val: Dataset) -> dict[str, Any]:
+    """What a run trains on: --data, and per side a fingerprint of the images it uses (path, size, label).
+
+    Saved as RUN/data.json and in each full checkpoint; a resume on other
+    data, or on an edited split.json, is refused by it. Data held in memory
+    (synthetic, custom_data) has no files: its config is its fingerprint.
+    """
+    record: dict[str, Any] = {"data": data if data == DEFAULT_DATA else str(Path(data).resolve())}
+    for side, dataset in (("train", train), ("val", val)):
+        samples = used_samples(dataset)
+        if samples is None:
+            record[side] = {"images": len(dataset), "sha256": None}
+            continue
+        listed = [[os.path.relpath(path, data), os.path.getsize(path), label] for path, label in samples]
+        digest = hashlib.sha256(json.dumps(listed).encode()).hexdigest()
+        record[side] = {"images": len(listed), "sha256": digest}
+    return record
+
+
+def same_data(recorded: dict[str, Any], now: dict[str, Any]) -> bool:
+    """The same images on each side (wherever the folder now is), or both held in memory."""
+    return all(recorded.get(side) == now.get(side) for side in ("train", "val"))
+
+
+def used_samples(dataset: Dataset) -> list[tuple[str, int]] | None:
+    """The (file, label) pairs a dataset reads, in order (an ImageFolder's, or a Subset's of one); None for tensors."""
+    indices = getattr(dataset, "indices", None)
+    base = getattr(dataset, "dataset", dataset) if indices is not None else dataset
+    samples = getattr(base, "samples", None)
+    if not isinstance(samples, list):
+        return None
+    return [samples[i] for i in indices] if indices is not None else list(samples)
 
 
 def numbered_classes(num_classes: int) -> list[str]:

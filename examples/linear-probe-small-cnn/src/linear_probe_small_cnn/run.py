@@ -35,7 +35,7 @@ from .config import (
     load_config,
     parse_stages,
 )
-from .data import DEFAULT_DATA, class_names, make_datasets, saved_split
+from .data import DEFAULT_DATA, class_names, data_record, make_datasets, same_data, saved_split
 from .distributed import World, on_main, start, wrap
 from .ema import EMA
 from .features import CachedBatches, cache_decision, cache_risks
@@ -84,6 +84,7 @@ class Run:
     train_set: Dataset | None = None
     val_set: Dataset | None = None
     classes: list[str] = field(default_factory=list)  # names in label order, saved with the weights
+    data_record: dict[str, Any] = field(default_factory=dict)  # --data and a fingerprint of its files (data.json)
     sampler: DistributedSampler | None = None
     train_loader: DataLoader | None = None
     val_loader: DataLoader | None = None
@@ -106,7 +107,7 @@ class Asked:
     """What the caller asked for, as `fit` takes it."""
 
     out: str | Path | None
-    data: str
+    data: str | None  # None: the resumed run's, else synthetic
     epochs: int | None
     init: str | Path | None
     resume: str | Path | None
@@ -327,7 +328,8 @@ def start_run(config: Config | None, asked: Asked) -> Run:
         sync_bn=config.train.sync_bn and world.distributed,
         freeze_from=asked.freeze_from,
     )
-    run = Run(config, asked.data, config.train.epochs, Path(out), model, state, dev, world)
+    data = asked.data or (checkpoint or {}).get("data", {}).get("data") or DEFAULT_DATA
+    run = Run(config, data, config.train.epochs, Path(out), model, state, dev, world)
     run.stages = parse_stages(config.unfreeze.stages)
     run.checkpoint, run.resumed_from = checkpoint, resume
     if checkpoint is not None:
@@ -338,13 +340,11 @@ def start_run(config: Config | None, asked: Asked) -> Run:
         apply(model, run.state)
     # A resumed one-folder run trains on the split it began with.
     split = saved_split(resume.parent) if resume is not None else None
-    run.train_set, run.val_set = make_datasets(asked.data, config, split)
+    run.train_set, run.val_set = make_datasets(data, config, split)
     run.classes = class_names(run.train_set, config.model.num_classes)
-    saved = checkpoint.get("classes") if checkpoint is not None else None
-    if saved is not None and saved != run.classes:
-        raise ConfigError(
-            f"--resume {resume} was trained on the classes {saved}; --data {asked.data} has {run.classes}"
-        )
+    run.data_record = data_record(data, run.train_set, run.val_set)
+    if checkpoint is not None:
+        check_same_data(checkpoint, run, resume)
     check_packages(config)
     return run
 
@@ -352,6 +352,22 @@ def start_run(config: Config | None, asked: Asked) -> Run:
 def resuming(run: Run) -> bool:
     """Whether this run continues the run its folder holds (a --resume into its own folder)."""
     return run.resumed_from is not None and run.out.resolve() == run.resumed_from.parent.resolve()
+
+
+def check_same_data(checkpoint: dict[str, Any], run: Run, resume: Path) -> None:
+    """A resume trains on the data the run began with: the same classes, and the same files when it recorded them."""
+    saved = checkpoint.get("classes")
+    if saved is not None and saved != run.classes:
+        raise ConfigError(f"--resume {resume} was trained on the classes {saved}; --data {run.data} has {run.classes}")
+    recorded = checkpoint.get("data")  # absent from checkpoints written before runs recorded their data
+    if recorded is None or same_data(recorded, run.data_record):
+        return
+    was = ", ".join(f"{recorded[side]['images']} {side}" for side in ("train", "val"))
+    now = ", ".join(f"{run.data_record[side]['images']} {side}" for side in ("train", "val"))
+    raise ConfigError(
+        f"--resume {resume} was trained on {recorded['data']} ({was} images); --data {run.data} gives "
+        f"other images ({now}, or the same number changed, or an edited split.json): resume without --data"
+    )
 
 
 def open_run(run: Run, asked: Asked) -> None:
@@ -391,6 +407,7 @@ def write_record(run: Run) -> None:
     """What the run is: its resolved config (`--config RUN/config.toml` repeats it), class names, freeze state."""
     atomic_write(run.out / "config.toml", lambda f: f.write(tomli_w.dumps(run.config.to_dict()).encode()))
     write_json(run.out / "classes.json", run.classes)
+    write_json(run.out / "data.json", run.data_record)
     split = getattr(run.train_set, "split", None)
     if split is not None:
         write_json(run.out / "split.json", split)

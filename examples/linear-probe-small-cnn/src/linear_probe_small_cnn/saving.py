@@ -110,6 +110,7 @@ def save(run: Run, row: dict[str, float]) -> None:
         "ema": run.ema.state_dict() if run.ema is not None else None,
         "config": run.config.to_dict(),
         "classes": run.classes,
+        "data": run.data_record,
     }
     save_full(run.files, checkpoint, run.config.checkpoint.keep_last_k)
     run.saved = row["epoch"]

@@ -23,7 +23,7 @@ from .config import ConfigError
 LOCK = ".lock"
 # What a run writes; any of them means the folder already holds a run.
 RUN_FILES = re.compile(
-    r"^(config\.toml|classes\.json|split\.json|freeze_manifest\.json|metrics\.csv|best\.pt|best\.safetensors|last\.ckpt|epoch-\d+\.ckpt"
+    r"^(config\.toml|classes\.json|data\.json|split\.json|freeze_manifest\.json|metrics\.csv|best\.pt|best\.safetensors|last\.ckpt|epoch-\d+\.ckpt"
     r"|curves\.png|ema\.safetensors|ema\.pt|trackers\.json|" + re.escape(MANIFEST) + ")$"
 )
 # What the trackers keep in the folder: the old run's go with --overwrite.

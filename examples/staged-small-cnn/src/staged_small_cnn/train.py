@@ -23,7 +23,6 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import Config, Stage
-from .data import DEFAULT_DATA
 from .distributed import SINGLE, World, all_sum, check_in_sync, on_main, sync_buffers
 from .features import build_cache
 from .freeze import manifest, unfreeze_stage
@@ -139,7 +138,7 @@ def fit(
     config: Config | None,
     out: str | Path | None,
     *,
-    data: str = DEFAULT_DATA,
+    data: str | None = None,
     epochs: int | None = None,
     init: str | Path | None = None,
     resume: str | Path | None = None,
@@ -158,6 +157,7 @@ def fit(
     A resume trains on with the config saved in the checkpoint; `config`, if
     given, may differ from it only in keys that cannot change the result,
     and so may `overrides` ("section.key=value", laid over the saved config).
+    `data` is "synthetic" or an image folder; by default a resumed run's own, else "synthetic".
     `freeze_from` is a freeze_manifest.json whose freeze state replaces the
     config's spec. `overwrite` deletes the run a folder holds and starts over.
     Under torchrun every process runs this with its share of each batch
