@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from importlib import metadata
+from pathlib import Path
+
 import pytest
+import yaml
+
+from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize(
@@ -44,3 +51,48 @@ def test_defaults_follow_the_backbone(render_project):
     config = (project / "src/finetune_demo/config.toml").read_text()
     assert "indices = [0, 1, 2, 3, 4, 5]" in config
     assert "pretrained = true" in config
+
+
+# `import x` and `from x.y import z` at the start of a line: the module a render imports.
+IMPORT = r"^\s*(?:from\s+([A-Za-z_]\w*)[\w.]*\s+import\b|import\s+([A-Za-z_]\w*))"
+
+
+def shadowed_names() -> set[str]:
+    """The one list of module names package_name may not take, read from copier.yml's validator."""
+    validator = yaml.safe_load((ROOT / "copier.yml").read_text())["package_name"]["validator"]
+    listed = re.search(r"package_name in \[([^\]]*)\] %\}\s*package_name '[^']*' would shadow", validator)
+    return set(re.findall(r"'(\w+)'", listed.group(1)))
+
+
+def top_level_modules(distribution: str) -> set[str]:
+    """The importable names an installed distribution puts in site-packages (none when it is not installed)."""
+    try:
+        files = metadata.distribution(distribution).files or []
+    except metadata.PackageNotFoundError:
+        return set()
+    names = {Path(f.parts[0]).stem if f.parts[0].endswith(".py") else f.parts[0] for f in files}
+    return {name for name in names if name.isidentifier() and not name.startswith("_")}
+
+
+def test_package_name_refuses_every_module_a_render_imports_or_depends_on():
+    names = shadowed_names()
+    imported = set()
+    for base in ("template", "teaching"):
+        for path in (ROOT / base).rglob("*.jinja"):
+            found = re.findall(IMPORT, path.read_text(), re.M)
+            imported |= {a or b for a, b in found if not (a or b).startswith("test_")} - {"__future__"}
+    assert not imported - names, f"copier.yml's package_name list lacks {sorted(imported - names)}"
+    required = set()
+    for distribution in ("torch", "torchvision", "timm", "peft", "safetensors", "tqdm", "tomli-w"):
+        required |= top_level_modules(distribution)
+        for requirement in metadata.requires(distribution) or []:
+            if "extra ==" not in requirement:
+                required |= top_level_modules(re.split(r"[\s;<>=!~\[(]", requirement, maxsplit=1)[0])
+    assert not required - names, f"copier.yml's package_name list lacks {sorted(required - names)}"
+
+
+@pytest.mark.parametrize("name", ["tqdm", "numpy", "tomli_w", "peft", "onnx", "matplotlib", "pathlib"])
+def test_a_package_name_that_shadows_a_dependency_is_refused(render_project, tmp_path, name):
+    with pytest.raises(ValueError, match="Validation error") as err:
+        render_project(package_name=name)
+    assert f"package_name '{name}' would shadow the module of the same name" in " ".join(str(err.value).split())
