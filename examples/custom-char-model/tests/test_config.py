@@ -22,6 +22,10 @@ BAD_VALUES = [
     ("[train]\nweight_decay = -1", "train.weight_decay = -1.0: a finite number >= 0"),
     ("[train]\nepochs = true", "train.epochs = True: must be an integer"),
     ("[train]\nnum_workers = -1", 'train.num_workers = -1: "auto" or >= 0'),
+    ("[train]\nseed = -1", "train.seed = -1: a whole number in [0, "),
+    ("[train]\nseed = 4294967296", "train.seed = 4294967296: a whole number in [0, "),
+    ("[train]\nseed = 9223372036854775807", "train.seed = 9223372036854775807: a whole number in [0, "),
+    ("[model]\nnum_classes = 100000000000", "model.num_classes = 100000000000: at most 1,000,000"),
     ("[init]\nmin_loaded_fraction = 2", "init.min_loaded_fraction = 2.0: in [0, 1]"),
     ("[checkpoint]\nkeep_last_k = -1", "checkpoint.keep_last_k = -1: 0 (last.ckpt only) or more"),
     ('[checkpoint]\nmode = "up"', 'checkpoint.mode = \'up\': must be "max" or "min"'),
@@ -37,7 +41,7 @@ def test_a_bad_value_is_one_line_and_nothing_is_written(tmp_path, capsys, toml, 
     out = tmp_path / "run"
     assert main(["--config", str(path), "train", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: {path}: {message}\n"
+    assert err.startswith(f"error: {path}: {message}") and err.count("\n") == 1, err
     assert not out.exists()
 
 

@@ -111,7 +111,9 @@ def test_a_diverging_run_stops_and_saves_no_non_finite_weights(tmp_path, small, 
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", exploding)
     with pytest.raises(DivergedError, match=r"epoch 0, step 2: the loss is not finite; lower train.lr"):
         fit(small, tmp_path / "diverged", epochs=2, device="cpu")
-    for path in (tmp_path / "diverged").iterdir():
+    # Nothing was saved, so the folder the run made is gone: a retry with a lower lr needs no --overwrite.
+    assert not (tmp_path / "diverged").exists()
+    for path in (tmp_path / "diverged").glob("*"):
         if path.suffix in (".pt", ".ckpt"):
             state = torch.load(path, weights_only=True)
             weights = state.get("model", state)
@@ -260,6 +262,57 @@ def test_pruning_deletes_only_the_epoch_files_it_wrote(tmp_path):
     save_full(files, {**checkpoint, "epoch": 3}, keep_last_k=1)
     assert (tmp_path / "epoch-notes.txt").exists() and (tmp_path / "epoch-0001.ckpt.bak").exists()
     assert not (tmp_path / "epoch-0002.ckpt").exists() and (tmp_path / "epoch-0003.ckpt").exists()
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xla"])
+def test_a_device_this_project_cannot_train_on_is_one_line_before_the_folder_exists(tmp_path, capsys, device):
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--out", str(out), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert f"--device {device}: this project trains on cpu, cuda or cuda:N" in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_an_unknown_compile_backend_is_one_line_before_the_folder_exists(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--set", "train.compile=true", "--set", "train.compile_backend='bogus'"]
+    assert main([*args, "train", "--epochs", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "train.compile_backend = 'bogus': one of " in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("made", [True, False])
+def test_a_run_that_fails_before_its_first_save_leaves_the_folder_as_it_found_it(tmp_path, small, monkeypatch, made):
+    from custom_char_model import train
+
+    out = tmp_path / "run"
+    if not made:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in out.iterdir()) if out.exists() else None
+
+    def fails(run, epoch):
+        raise RuntimeError("the first epoch fails")
+
+    monkeypatch.setattr(train, "run_epoch", fails)
+    with pytest.raises(RuntimeError, match="the first epoch fails"):
+        fit(small, out, epochs=1, device="cpu")
+    assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == before
+    monkeypatch.undo()
+    fit(small, out, epochs=1, device="cpu")  # a plain retry, no --overwrite and nothing to --resume
+
+
+def test_overwrite_removes_a_linked_store_and_not_what_it_points_to(tmp_path, small):
+    out = tmp_path / "run"
+    fit(small, out, epochs=1, device="cpu")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    (out / "tensorboard").symlink_to(elsewhere, target_is_directory=True)
+    fit(small, out, epochs=1, device="cpu", overwrite=True)
+    assert (elsewhere / "keep.txt").read_text() == "mine"
+    assert not (out / "tensorboard").is_symlink()
 
 
 def test_the_run_folder_config_repeats_the_run_bit_for_bit(tmp_path, small):

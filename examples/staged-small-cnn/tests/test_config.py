@@ -22,8 +22,14 @@ BAD_VALUES = [
     ("[train]\nweight_decay = -1", "train.weight_decay = -1.0: a finite number >= 0"),
     ("[train]\nepochs = true", "train.epochs = True: must be an integer"),
     ("[train]\nnum_workers = -1", 'train.num_workers = -1: "auto" or >= 0'),
+    ("[train]\nseed = -1", "train.seed = -1: a whole number in [0, "),
+    ("[train]\nseed = 4294967296", "train.seed = 4294967296: a whole number in [0, "),
+    ("[train]\nseed = 9223372036854775807", "train.seed = 9223372036854775807: a whole number in [0, "),
+    ("[model]\nnum_classes = 100000000000", "model.num_classes = 100000000000: at most 1,000,000"),
     ("[train]\nimage_size = 0", "train.image_size = 0: at least 1 pixel"),
     ("[data]\nsynthetic_train_size = 0", "data.synthetic_train_size = 0: at least 1"),
+    ("[data]\nsynthetic_train_size = 100000000000", "data.synthetic_train_size = 100000000000: at most 10,000,000"),
+    ("[train]\nimage_size = 1000000", "train.image_size = 1000000: at most 8192"),
     ('[data]\nbad_images = "ignore"', 'data.bad_images = \'ignore\': must be "error" or "skip"'),
     ("[init]\nmin_loaded_fraction = 2", "init.min_loaded_fraction = 2.0: in [0, 1]"),
     ("[checkpoint]\nkeep_last_k = -1", "checkpoint.keep_last_k = -1: 0 (last.ckpt only) or more"),
@@ -40,7 +46,7 @@ def test_a_bad_value_is_one_line_and_nothing_is_written(tmp_path, capsys, toml, 
     out = tmp_path / "run"
     assert main(["--config", str(path), "train", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: {path}: {message}\n"
+    assert err.startswith(f"error: {path}: {message}") and err.count("\n") == 1, err
     assert not out.exists()
 
 

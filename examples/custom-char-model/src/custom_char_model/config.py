@@ -216,7 +216,7 @@ def check(config: Config) -> None:
             if not _fits(getattr(values, key), expected):
                 raise ConfigError(f"{section}.{key} = {getattr(values, key)!r}: must be {_describe(expected)}")
     parse_stages(config.unfreeze.stages)  # each stage table's keys and types, before the rules read them
-    for key, value, ok, allowed in _rules(config):
+    for key, value, ok, allowed in _rules(config) + _bounds(config):
         if not ok:
             raise ConfigError(f"{key} = {value!r}: {allowed}")
 
@@ -329,6 +329,29 @@ def _rules(config: Config) -> list[tuple[str, Any, bool, str]]:
     rules.append(("checkpoint.keep_last_k", keep, keep >= 0, "0 (last.ckpt only) or more"))
     for rule in init.remap:
         rules.append(("init.remap", rule, len(rule) == 2 and _regex(rule[0]), "[regex, replacement] pairs"))
+    return rules
+
+
+# Beyond these a run fails later with a traceback (numpy's seed) or asks for more memory than a machine has.
+MAX_SEED = 2**32 - 1 - 2**20  # seed + epoch and seed + rank stay below numpy's 2**32
+MAX_CLASSES = 1_000_000
+MAX_IMAGE_SIZE = 8192
+MAX_SYNTHETIC = 10_000_000
+
+
+def _bounds(config: Config) -> list[tuple[str, Any, bool, str]]:
+    """The upper bounds, as (key, value, whether it is allowed, what is allowed)."""
+    model, train = config.model, config.train
+    rules = [
+        ("train.seed", train.seed, 0 <= train.seed <= MAX_SEED, f"a whole number in [0, {MAX_SEED}]"),
+        ("model.num_classes", model.num_classes, model.num_classes <= MAX_CLASSES, f"at most {MAX_CLASSES:,}"),
+    ]
+    if train.compile:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        ok = train.compile_backend in backends
+        rules.append(("train.compile_backend", train.compile_backend, ok, f"one of {', '.join(backends)}"))
     return rules
 
 

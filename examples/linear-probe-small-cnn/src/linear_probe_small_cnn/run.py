@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import tomli_w
 import torch
@@ -54,7 +54,7 @@ from .layers import freeze_summary, parameter_count
 from .model import build_model
 from .optim import cosine_schedule, lr_factors, make_optimizer, param_groups, trainable_names
 from .rng import restore_rng, seed_everything
-from .runfolder import check_free, claim
+from .runfolder import Claim, check_free, claim
 from .saving import full_info, write_json
 from .tracking import Trackers, check_packages, flat_params, open_trackers
 from .weights import load_init
@@ -91,7 +91,7 @@ class Run:
     caching: bool = False
     cache: tuple[CachedBatches, CachedBatches] | None = None
     trackers: Trackers | None = None
-    lock: IO[str] | None = None
+    lock: Claim | None = None
     integrity: Integrity | None = None
     ema: EMA | None = None  # with train.ema_decay > 0
     saved: int | None = None  # the last epoch whose files are all written
@@ -123,6 +123,8 @@ def pick_device(name: str | None = None) -> torch.device:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         raise ConfigError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: this project trains on cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: this machine has no CUDA device; use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

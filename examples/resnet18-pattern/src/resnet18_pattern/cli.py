@@ -484,3 +484,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as err:
+        # An allocation the machine cannot make (a huge num_classes, image_size or dataset): one line, not a traceback.
+        if not isinstance(err, MemoryError) and "allocate" not in str(err):
+            raise
+        why = (str(err).splitlines() or [type(err).__name__])[0]
+        advice = "lower train.batch_size, train.image_size or the data's size"
+        print(f"error: out of memory ({why}); {advice}", file=sys.stderr)
+        return 2

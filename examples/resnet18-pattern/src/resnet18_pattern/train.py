@@ -199,12 +199,12 @@ def end_run(run: Run, finished: bool) -> None:
         raise Stopped(f"{stopped_line(run)}; the trackers' last upload was cut short") from None
     finally:
         if run.lock is not None:
-            run.lock.close()
+            run.lock.close(keep=run.saved is not None)
 
 
 def stopped_line(run: Run) -> str:
     if run.saved is None:
-        return f"stopped before the first epoch was saved; {run.out} holds no trained weights"
+        return f"stopped before the first epoch was saved; {run.out} is left as it was, so the same command starts over"
     last = run.saved
     return f"stopped after epoch {last}, whose files are intact; continue with --resume {run.out}"
 

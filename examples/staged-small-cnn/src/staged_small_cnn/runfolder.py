@@ -14,6 +14,7 @@ import fcntl
 import os
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -52,15 +53,46 @@ def check_free(folder: Path, *, resuming: bool, overwrite: bool) -> None:
         )
 
 
-def claim(folder: Path, *, resuming: bool, overwrite: bool) -> IO[str]:
+@dataclass
+class Claim:
+    """A claimed run folder: the held lock, and what the folder held once it was claimed."""
+
+    lock: IO[str]
+    folder: Path
+    made: bool  # the claim made the folder
+    before: set[str] = field(default_factory=set)  # its entries, the claim's own .lock left out
+
+    def close(self, keep: bool = True) -> None:
+        """Release the lock; `keep=False` (a run that saved nothing) removes what the run added since the claim.
+
+        Only the run's own files and stores, its .lock and the folder it made go: a
+        failed first epoch leaves the folder as the run found it, and a plain retry works.
+        """
+        self.lock.close()
+        if keep:
+            return
+        for path in self.folder.iterdir():
+            ours = path.name == LOCK or TEMP_FILE.match(path.name) or RUN_FILES.match(path.name) or path.name in STORES
+            if not ours or path.name in self.before:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+                continue
+            path.unlink(missing_ok=True)
+        if self.made:
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
+
+
+def claim(folder: Path, *, resuming: bool, overwrite: bool) -> Claim:
     """Lock `folder` for this process, check under the lock that it is free, then clear it.
 
     The folder is checked again once the lock is held: another process may
     have started a run in it since start_run looked. With `overwrite` the old
     run's files go; the temp files of a save that a killed process left go
     too. Nothing is opened through a symbolic link. A refusal leaves the
-    folder as it found it. The returned file holds the lock until it is
-    closed or the process ends.
+    folder as it found it. The lock is held until the claim is closed or the
+    process ends.
     """
     made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,7 +128,7 @@ def claim(folder: Path, *, resuming: bool, overwrite: bool) -> IO[str]:
             raise
         raise ConfigError(f"{folder}: cannot write the run's lock ({err.strerror}); nothing was written") from None
     clear(folder, overwrite=overwrite)
-    return lock
+    return Claim(lock, folder, made, {p.name for p in folder.iterdir()} - ({LOCK} if fresh else set()))
 
 
 def check_links(folder: Path) -> None:
