@@ -86,16 +86,21 @@ def test_first_n_counts_in_the_models_order_not_the_files(tmp_path, config):
     assert plan.beyond_first_n == list(source)[4:]
 
 
-def test_init_says_when_integers_load_into_float_weights(tmp_path, config, capsys):
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_init_refuses_integers_or_booleans_for_float_weights(tmp_path, config, capsys, dtype):
     model = build_model(config)
     source = model.state_dict()
     name = next(k for k, v in source.items() if v.is_floating_point())
-    source[name] = torch.ones_like(source[name], dtype=torch.int64)
+    before = source[name].clone()
+    source[name] = torch.ones_like(source[name], dtype=dtype)
     torch.save(source, tmp_path / "w.pt")
-    plan = load_init(model, tmp_path / "w.pt", init_config(config))
-    assert plan.converted == [(name, torch.int64, torch.float32)]
-    row = rf"converted +{re.escape(name)}  file torch\.int64 -> model torch\.float32"
+    with pytest.raises(CheckpointError, match=f"1 tensors of .*w.pt cannot carry the model's float weights .*{name}"):
+        load_init(model, tmp_path / "w.pt", init_config(config, min_loaded_fraction=0.0))
+    assert torch.equal(model.state_dict()[name], before), "nothing loads from a refused file"
+    row = rf"wrong dtype +{re.escape(name)}  file {re.escape(str(dtype))}, model torch\.float32"
     assert re.search(row, capsys.readouterr().out)
+    assert main(["inspect-weights", str(tmp_path / "w.pt")]) == 2
+    assert "train --init would refuse this file" in capsys.readouterr().out
 
 
 def test_the_report_collapses_runs_of_keys_under_one_module(config):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import zlib
 from pathlib import Path
 
@@ -206,6 +207,14 @@ def test_a_resume_trains_on_the_run_s_data_and_refuses_other_data(tmp_path, conf
     assert main(["train", "--resume", str(out), "--data", str(other)]) == 2
     err = capsys.readouterr().err
     assert f"--resume {out}" in err and "was trained on" in err and err.count("\n") == 1, err
+    # The same file names, counts and classes, other pixels: other data all the same.
+    twin = shutil.copytree(root, tmp_path / "twin")
+    first, second = twin / "train" / "class0" / "0.png", twin / "train" / "class0" / "1.png"
+    first_bytes = first.read_bytes()
+    first.write_bytes(second.read_bytes())
+    second.write_bytes(first_bytes)
+    assert main(["train", "--resume", str(out), "--data", str(twin)]) == 2
+    assert "was trained on" in capsys.readouterr().err
     # What a stopped run prints, `continue with --resume RUN`, is all a resume needs.
     assert main(["train", "--resume", str(out), "--stop-after", "1"]) == 0
     assert torch.load(out / "last.ckpt", weights_only=True)["epoch"] == 1

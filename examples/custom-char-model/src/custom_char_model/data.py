@@ -35,8 +35,12 @@ def make_datasets(data: str, config: Config) -> tuple[Dataset, Dataset]:
     return result
 
 
+# How much of each image the fingerprint reads: all of a small one, the header and first rows of a large one.
+HEAD_BYTES = 1 << 16
+
+
 def data_record(data: str, train: Dataset, val: Dataset) -> dict[str, Any]:
-    """What a run trains on: --data, and per side a fingerprint of the images it uses (path, size, label).
+    """What a run trains on: --data, and per side a fingerprint of the images it uses (path, size, label, first bytes).
 
     Saved as RUN/data.json and in each full checkpoint; a resume on other
     data, or on an edited split.json, is refused by it. Data held in memory
@@ -48,9 +52,13 @@ def data_record(data: str, train: Dataset, val: Dataset) -> dict[str, Any]:
         if samples is None:
             record[side] = {"images": len(dataset), "sha256": None}
             continue
-        listed = [[os.path.relpath(path, data), os.path.getsize(path), label] for path, label in samples]
-        digest = hashlib.sha256(json.dumps(listed).encode()).hexdigest()
-        record[side] = {"images": len(listed), "sha256": digest}
+        digest = hashlib.sha256()
+        for path, label in samples:
+            entry = [os.path.relpath(path, data), os.path.getsize(path), label]
+            digest.update(json.dumps(entry).encode())
+            with open(path, "rb") as f:
+                digest.update(f.read(HEAD_BYTES))
+        record[side] = {"images": len(samples), "sha256": digest.hexdigest()}
     return record
 
 
