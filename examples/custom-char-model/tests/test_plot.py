@@ -58,3 +58,10 @@ def test_lr_find_draws_its_curve_and_needs_matplotlib_before_writing(tmp_path, c
     assert main(["--config", str(config_file), "lr-find", "--out", str(tmp_path / "again")]) == 2
     assert "pip install -e '.[plot]'" in capsys.readouterr().err
     assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("content", [b"epoch,train_loss\n0,lots\n", b"epoch,train_loss\n0,\xff\xfe\n"])
+def test_a_metrics_csv_of_text_or_other_bytes_is_one_line(tmp_path, content):
+    (tmp_path / "metrics.csv").write_bytes(content)
+    with pytest.raises(PlotError, match="is not a metrics.csv as a run writes it"):
+        plot_run(tmp_path)

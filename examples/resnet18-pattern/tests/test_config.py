@@ -105,3 +105,19 @@ def test_a_bad_set_is_one_line_and_nothing_is_written(tmp_path, capsys, override
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_section_that_is_not_a_table_says_so(tmp_path, capsys):
+    (tmp_path / "c.toml").write_text("model = 5\n")
+    assert main(["--config", str(tmp_path / "c.toml"), "layers"]) == 2
+    err = capsys.readouterr().err
+    assert "model = 5: [model] must be a table of keys" in err and err.count("\n") == 1, err
+
+
+def test_a_config_that_is_a_folder_or_nests_too_deeply_is_one_line(tmp_path, capsys):
+    assert main(["--config", str(tmp_path), "layers"]) == 2
+    err = capsys.readouterr().err
+    assert f"--config {tmp_path}: cannot be read" in err and err.count("\n") == 1, err
+    assert main(["--set", "train.lr=" + "[" * 3000 + "]" * 3000, "layers"]) == 2
+    err = capsys.readouterr().err
+    assert "nests too deeply" in err and err.count("\n") == 1, err

@@ -315,6 +315,18 @@ def test_overwrite_removes_a_linked_store_and_not_what_it_points_to(tmp_path, sm
     assert not (out / "tensorboard").is_symlink()
 
 
+def test_an_out_that_is_a_file_or_under_one_is_one_line(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for out, says in ((a_file, f"--out {a_file} is a file"), (a_file / "run", f"{a_file} is a file, so nothing")):
+        assert main(["train", "--epochs", "1", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
+        assert main(["evaluate", "--weights", "w.pt", "--out", str(out)]) == 2
+        assert says in capsys.readouterr().err
+    assert a_file.read_text() == "mine"
+
+
 def test_the_run_folder_config_repeats_the_run_bit_for_bit(tmp_path, small):
     """RUN/config.toml is the resolved config: --config RUN/config.toml trains the same weights again."""
     config_file = tmp_path / "small.toml"

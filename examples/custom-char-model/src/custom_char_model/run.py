@@ -53,7 +53,7 @@ from .layers import freeze_summary, parameter_count
 from .model import build_model
 from .optim import cosine_schedule, lr_factors, make_optimizer, param_groups, trainable_names
 from .rng import restore_rng, seed_everything
-from .runfolder import Claim, check_free, claim
+from .runfolder import Claim, check_destination, check_free, claim
 from .saving import full_info, write_json
 from .tracking import Trackers, check_packages, flat_params, open_trackers
 from .weights import load_init
@@ -311,6 +311,7 @@ def start_run(config: Config | None, asked: Asked) -> Run:
     out = asked.out or out
     if out is None:
         raise ConfigError("no run folder: pass --out or --resume")
+    check_destination(Path(out), "--out", folder=True)
     resuming = resume is not None and Path(out).resolve() == resume.parent.resolve()
     if resuming and asked.overwrite:
         raise ConfigError(
@@ -433,9 +434,13 @@ def build_training(run: Run, checkpoint: dict[str, Any] | None) -> None:
 
 def restore(run: Run, checkpoint: dict[str, Any], resume: Path) -> None:
     """Put a full checkpoint back: weights, optimizer, schedule, scaler, RNG, history."""
-    run.model.load_state_dict(checkpoint["model"])
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    try:
+        run.model.load_state_dict(checkpoint["model"])
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        run.scheduler.load_state_dict(checkpoint["scheduler"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+        why = (str(err).strip().splitlines() or [type(err).__name__])[-1].strip()
+        raise ConfigError(f"--resume {resume}: its state does not fit this model and optimizer ({why})") from None
     if run.ema is not None:
         run.ema.load_state_dict(checkpoint["ema"], f"--resume {resume}")
     if checkpoint["scaler"] or not run.scaler.is_enabled():

@@ -44,6 +44,7 @@ from .plot import PlotError, figure_class, plot_confusion, plot_lr_find, plot_ru
 from .predict import format_rows, image_files, predict, predict_workers, write_predictions
 from .rng import rngs_kept, seed_everything
 from .run import pick_device, prepare_model
+from .runfolder import check_destination
 from .saving import DivergedError, write_csv
 from .train import Stopped, fit
 from .weights import inspect_weights, plan_load
@@ -365,8 +366,8 @@ def run_data(weights: str, data: str | None) -> tuple[str, dict | None]:
 
 def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
     device = pick_device(args.device)
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ConfigError(f"--out {args.out} is a file; evaluate writes a folder of reports")
+    if args.out is not None:
+        check_destination(Path(args.out), "--out", folder=True)
     if args.run is not None:
         args.weights = str(run_weights(Path(args.run)))
     model = trained_model(args.weights, config)
@@ -394,6 +395,7 @@ def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_export(args: argparse.Namespace, config: Config) -> int:
+    check_destination(Path(args.out), "--out", folder=False)
     model = trained_model(args.weights, config)
     classes = read_classes(args.weights)
     error = export(model, args.format, args.out, example_inputs(config, 2), fold_bn=args.fold_bn, classes=classes)
@@ -434,8 +436,8 @@ def weights_classes(weights: str, config: Config) -> list[str]:
 
 def cmd_predict(args: argparse.Namespace, config: Config) -> int:
     device = pick_device(args.device)
-    if args.out is not None and not Path(args.out).parent.is_dir():
-        raise ConfigError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
+    if args.out is not None:
+        check_destination(Path(args.out), "--out", folder=False)
     model, classes = predict_model(args.weights, config, device)
     if args.top_k > len(classes):
         raise ConfigError(f"--top-k {args.top_k}: the model has {len(classes)} classes")

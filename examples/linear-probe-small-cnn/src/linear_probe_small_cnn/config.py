@@ -137,6 +137,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except (IsADirectoryError, PermissionError) as err:
+            raise ConfigError(f"--config {path}: cannot be read ({err.strerror}); pass a TOML file") from None
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
         _overlay(tables, _read(text, str(path)), str(path))
@@ -156,13 +158,17 @@ def _read(text: str, name: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{name}: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{name}: a value nests too deeply to be a config value") from None
 
 
 def _overlay(tables: dict[str, Any], user: dict[str, Any], where: str) -> None:
     """The user's keys over the defaults; a section or key the defaults lack is an error."""
     for section, values in user.items():
-        if section not in tables or not isinstance(values, dict):
+        if section not in tables:
             raise ConfigError(f"{where}: unknown section [{section}]{_near(section, tables)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: {section} = {values!r:.40}: [{section}] must be a table of keys, not a value")
         for key, value in values.items():
             if f"{section}.{key}" in MOVED:
                 raise ConfigError(f"{where}: {section}.{key} moved; write {MOVED[f'{section}.{key}']}")
@@ -187,6 +193,8 @@ def apply_overrides(tables: dict[str, Any], overrides: Sequence[str]) -> None:
             value = tomllib.loads(f"value = {raw}")["value"]
         except tomllib.TOMLDecodeError:
             value = raw.strip()
+        except RecursionError:
+            raise ConfigError(f"--set {name.strip()}=...: the value nests too deeply to be a config value") from None
         _overlay(tables, {section: {key: value}}, f"--set {text}")
 
 

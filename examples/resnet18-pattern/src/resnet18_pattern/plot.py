@@ -19,9 +19,13 @@ def read_metrics(folder: Path) -> list[dict[str, float]]:
     path = folder / "metrics.csv"
     if not path.is_file():
         raise PlotError(f"{path} does not exist: is {folder} a run folder?")
-    with open(path, newline="") as f:
-        rows = [{key: float(value) for key, value in row.items() if value} for row in csv.DictReader(f)]
-    if not rows:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [{key: float(value) for key, value in row.items() if value} for row in csv.DictReader(f)]
+    except (UnicodeDecodeError, ValueError, TypeError, csv.Error) as err:
+        why = err.reason if isinstance(err, UnicodeDecodeError) else err
+        raise PlotError(f"{path} is not a metrics.csv as a run writes it: numbers under a header ({why})") from None
+    if not rows or "epoch" not in rows[0]:
         raise PlotError(f"{path} holds no finished epoch yet")
     return rows
 

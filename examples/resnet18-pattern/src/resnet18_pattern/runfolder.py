@@ -39,6 +39,23 @@ def run_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if RUN_FILES.match(p.name)) if folder.is_dir() else []
 
 
+def check_destination(path: Path, flag: str, *, folder: bool) -> None:
+    """An --out that can be written, checked before anything is: a folder (made if need be) or a file in one."""
+    if path.exists() and folder != path.is_dir():
+        kinds = ("file", "folder") if folder else ("folder", "file")
+        raise ConfigError(f"{flag} {path} is a {kinds[0]}; name a {kinds[1]}")
+    parent = path if folder else path.parent
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path}: {existing} is a file, so nothing can be written under it")
+    if not folder and existing != parent:
+        raise ConfigError(f"{flag} {path}: the folder {parent} does not exist")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {existing} is not writable")
+
+
 def check_free(folder: Path, *, resuming: bool, overwrite: bool) -> None:
     """Refuse a folder that holds another run, before anything is written."""
     curve = [name for name in LR_FIND_FILES if (folder / name).exists()]
@@ -95,7 +112,10 @@ def claim(folder: Path, *, resuming: bool, overwrite: bool) -> Claim:
     process ends.
     """
     made = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {folder}: cannot make the run folder ({err.strerror})") from None
     lock_path = folder / LOCK
     fresh = not lock_path.is_symlink() and not lock_path.exists()
     try:
