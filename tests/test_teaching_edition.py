@@ -46,7 +46,8 @@ def test_the_teaching_template_holds_few_if_tags():
     ids=["traps-every-format", "bare-safetensors-full-fine-tune"],
 )
 def test_a_teaching_render_is_small_ruff_clean_and_passes_its_suite(teaching_src: Path, tmp_path: Path, answers):
-    project = render(tmp_path / "lesson", {"project_name": "lesson", "profile": "teaching", **answers}, src=teaching_src)
+    data = {"project_name": "lesson", "profile": "teaching", **answers}
+    project = render(tmp_path / "lesson", data, src=teaching_src)
     src = project / "src" / "lesson"
     files = sorted(src.glob("*.py"))
     assert len(files) <= (8 if answers["features"] else 7)

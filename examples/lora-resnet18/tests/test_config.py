@@ -22,8 +22,14 @@ BAD_VALUES = [
     ("[train]\nweight_decay = -1", "train.weight_decay = -1.0: a finite number >= 0"),
     ("[train]\nepochs = true", "train.epochs = True: must be an integer"),
     ("[train]\nnum_workers = -1", 'train.num_workers = -1: "auto" or >= 0'),
+    ("[train]\nseed = -1", "train.seed = -1: a whole number in [0, "),
+    ("[train]\nseed = 4294967296", "train.seed = 4294967296: a whole number in [0, "),
+    ("[train]\nseed = 9223372036854775807", "train.seed = 9223372036854775807: a whole number in [0, "),
+    ("[model]\nnum_classes = 100000000000", "model.num_classes = 100000000000: at most 1,000,000"),
     ("[train]\nimage_size = 0", "train.image_size = 0: at least 1 pixel"),
     ("[data]\nsynthetic_train_size = 0", "data.synthetic_train_size = 0: at least 1"),
+    ("[data]\nsynthetic_train_size = 100000000000", "data.synthetic_train_size = 100000000000: at most 10,000,000"),
+    ("[train]\nimage_size = 1000000", "train.image_size = 1000000: at most 8192"),
     ('[data]\nbad_images = "ignore"', 'data.bad_images = \'ignore\': must be "error" or "skip"'),
     ("[init]\nmin_loaded_fraction = 2", "init.min_loaded_fraction = 2.0: in [0, 1]"),
     ("[checkpoint]\nkeep_last_k = -1", "checkpoint.keep_last_k = -1: 0 (last.ckpt only) or more"),
@@ -38,7 +44,7 @@ def test_a_bad_value_is_one_line_and_nothing_is_written(tmp_path, capsys, toml, 
     out = tmp_path / "run"
     assert main(["--config", str(path), "train", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: {path}: {message}\n"
+    assert err.startswith(f"error: {path}: {message}") and err.count("\n") == 1, err
     assert not out.exists()
 
 
@@ -97,3 +103,19 @@ def test_a_bad_set_is_one_line_and_nothing_is_written(tmp_path, capsys, override
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_section_that_is_not_a_table_says_so(tmp_path, capsys):
+    (tmp_path / "c.toml").write_text("model = 5\n")
+    assert main(["--config", str(tmp_path / "c.toml"), "layers"]) == 2
+    err = capsys.readouterr().err
+    assert "model = 5: [model] must be a table of keys" in err and err.count("\n") == 1, err
+
+
+def test_a_config_that_is_a_folder_or_nests_too_deeply_is_one_line(tmp_path, capsys):
+    assert main(["--config", str(tmp_path), "layers"]) == 2
+    err = capsys.readouterr().err
+    assert f"--config {tmp_path}: cannot be read" in err and err.count("\n") == 1, err
+    assert main(["--set", "train.lr=" + "[" * 3000 + "]" * 3000, "layers"]) == 2
+    err = capsys.readouterr().err
+    assert "nests too deeply" in err and err.count("\n") == 1, err

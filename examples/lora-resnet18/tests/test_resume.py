@@ -158,3 +158,38 @@ def test_sigkill_mid_save_leaves_a_resumable_run(tmp_path, config, config_file, 
     resume = ["--config", str(config_file), "train", "--resume", str(out), "--epochs", str(EPOCHS), "--device", "cpu"]
     assert main(resume) == 0
     assert_same_weights(straight["model"], torch_load(out / "last.ckpt")["model"])
+
+
+@pytest.mark.parametrize("damage", ["freeze_manifest", "model", "history", "rng", "scheduler", "epoch", "shapes"])
+def test_a_full_checkpoint_missing_a_part_is_one_line(tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    fit(tiny_config(), out, epochs=2, stop_after=1, device="cpu")
+    checkpoint = torch.load(out / "last.ckpt", weights_only=True)
+    if damage == "epoch":
+        checkpoint["epoch"] = "zero"
+    elif damage == "shapes":
+        model = checkpoint["model"]
+        checkpoint["model"] = {key: value[..., :1] if value.dim() else value for key, value in model.items()}
+    else:
+        del checkpoint[damage]
+    torch.save(checkpoint, tmp_path / "damaged.ckpt")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "damaged.ckpt"), "--out", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err
+    assert "damaged.ckpt" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("epoch", [None, "zero", "missing"])
+def test_a_checkpoints_json_entry_without_a_whole_epoch_is_one_line(tmp_path, capsys, epoch):
+    out = tmp_path / "run"
+    fit(tiny_config(), out, epochs=2, stop_after=1, device="cpu")
+    manifest = json.loads((out / "checkpoints.json").read_text())
+    if epoch == "missing":
+        del manifest["files"]["last.ckpt"]["epoch"]
+    else:
+        manifest["files"]["last.ckpt"]["epoch"] = epoch
+    (out / "checkpoints.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoints.json is damaged" in err and err.count("\n") == 1, err

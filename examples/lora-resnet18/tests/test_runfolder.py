@@ -110,7 +110,9 @@ def test_a_diverging_run_stops_and_saves_no_non_finite_weights(tmp_path, small, 
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", exploding)
     with pytest.raises(DivergedError, match=r"epoch 0, step 2: the loss is not finite; lower train.lr"):
         fit(small, tmp_path / "diverged", epochs=2, device="cpu")
-    for path in (tmp_path / "diverged").iterdir():
+    # Nothing was saved, so the folder the run made is gone: a retry with a lower lr needs no --overwrite.
+    assert not (tmp_path / "diverged").exists()
+    for path in (tmp_path / "diverged").glob("*"):
         if path.suffix in (".pt", ".ckpt"):
             state = torch.load(path, weights_only=True)
             weights = state.get("model", state)
@@ -207,10 +209,11 @@ def test_a_lock_that_is_a_symbolic_link_is_refused_and_its_target_untouched(tmp_
 def test_a_run_started_in_the_folder_after_the_first_look_is_seen_under_the_lock(tmp_path, small):
     """Two trains into one new folder: the one that takes the lock second is refused, and never mixes its files in."""
     from lora_resnet18.config import ConfigError
+    from lora_resnet18.data import DEFAULT_DATA
     from lora_resnet18.run import Asked, open_run, start_run
 
     out = tmp_path / "race"
-    asked = Asked(out, "synthetic", 1, None, None, (), "cpu", None, False)
+    asked = Asked(out, DEFAULT_DATA, 1, None, None, (), "cpu", None, False)
     late = start_run(small, asked)  # looked while the folder was free
     fit(small, out, epochs=1, device="cpu")  # the other run, which took the lock first
     before = files_of(out)
@@ -258,6 +261,48 @@ def test_pruning_deletes_only_the_epoch_files_it_wrote(tmp_path):
     save_full(files, {**checkpoint, "epoch": 3}, keep_last_k=1)
     assert (tmp_path / "epoch-notes.txt").exists() and (tmp_path / "epoch-0001.ckpt.bak").exists()
     assert not (tmp_path / "epoch-0002.ckpt").exists() and (tmp_path / "epoch-0003.ckpt").exists()
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xla"])
+def test_a_device_this_project_cannot_train_on_is_one_line_before_the_folder_exists(tmp_path, capsys, device):
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--out", str(out), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert f"--device {device}: this project trains on cpu, cuda or cuda:N" in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("made", [True, False])
+def test_a_run_that_fails_before_its_first_save_leaves_the_folder_as_it_found_it(tmp_path, small, monkeypatch, made):
+    from lora_resnet18 import train
+
+    out = tmp_path / "run"
+    if not made:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in out.iterdir()) if out.exists() else None
+
+    def fails(run, epoch):
+        raise RuntimeError("the first epoch fails")
+
+    monkeypatch.setattr(train, "run_epoch", fails)
+    with pytest.raises(RuntimeError, match="the first epoch fails"):
+        fit(small, out, epochs=1, device="cpu")
+    assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == before
+    monkeypatch.undo()
+    fit(small, out, epochs=1, device="cpu")  # a plain retry, no --overwrite and nothing to --resume
+
+
+def test_an_out_that_is_a_file_or_under_one_is_one_line(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for out, says in ((a_file, f"--out {a_file} is a file"), (a_file / "run", f"{a_file} is a file, so nothing")):
+        assert main(["train", "--epochs", "1", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
+        assert main(["evaluate", "--weights", "w.pt", "--out", str(out)]) == 2
+        assert says in capsys.readouterr().err
+    assert a_file.read_text() == "mine"
 
 
 def test_the_run_folder_config_repeats_the_run_bit_for_bit(tmp_path, small):

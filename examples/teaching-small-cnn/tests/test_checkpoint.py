@@ -88,16 +88,21 @@ def test_first_n_counts_in_the_models_order_not_the_files(tmp_path, config):
     assert plan.beyond_first_n == list(source)[4:]
 
 
-def test_init_says_when_integers_load_into_float_weights(tmp_path, config, capsys):
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_init_refuses_integers_or_booleans_for_float_weights(tmp_path, config, capsys, dtype):
     model = build_model(config)
     source = model.state_dict()
     name = next(k for k, v in source.items() if v.is_floating_point())
-    source[name] = torch.ones_like(source[name], dtype=torch.int64)
+    before = source[name].clone()
+    source[name] = torch.ones_like(source[name], dtype=dtype)
     torch.save(source, tmp_path / "w.pt")
-    plan = load_init(model, tmp_path / "w.pt", init_config(config))
-    assert plan.converted == [(name, torch.int64, torch.float32)]
-    row = rf"converted +{re.escape(name)}  file torch\.int64 -> model torch\.float32"
+    with pytest.raises(CheckpointError, match=f"1 tensors of .*w.pt cannot carry the model's float weights .*{name}"):
+        load_init(model, tmp_path / "w.pt", init_config(config, min_loaded_fraction=0.0))
+    assert torch.equal(model.state_dict()[name], before), "nothing loads from a refused file"
+    row = rf"wrong dtype +{re.escape(name)}  file {re.escape(str(dtype))}, model torch\.float32"
     assert re.search(row, capsys.readouterr().out)
+    assert main(["inspect-weights", str(tmp_path / "w.pt")]) == 2
+    assert "train --init would refuse this file" in capsys.readouterr().out
 
 
 def test_the_report_collapses_runs_of_keys_under_one_module(config):
@@ -218,7 +223,8 @@ def test_train_on_a_full_disk_exits_2_with_one_line(tmp_path, config_file, monke
     assert main(["--config", str(config_file), "train", "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "No space left on device" in err, err
-    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+    # Nothing was saved: the folder the run made is gone, temp files and all.
+    assert not [p for p in (tmp_path / "run").glob("*") if p.name.endswith(".tmp")]
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "zeroed", "random"])
@@ -274,7 +280,8 @@ def test_every_file_a_run_writes_is_recorded_and_reloads_safely(tmp_path, config
     history = fit(config, out, epochs=2, device="cpu")
     manifest = json.loads((out / "checkpoints.json").read_text())["files"]
     # .lock is the run's lock (its holder's PID), not a result.
-    records = {"checkpoints.json", "metrics.csv", "freeze_manifest.json", "config.toml", "classes.json", ".lock"}
+    records = {"checkpoints.json", "metrics.csv", "freeze_manifest.json", "config.toml", "classes.json", "data.json"}
+    records.add(".lock")
     written = {p.name for p in out.iterdir()} - records
     assert written == set(manifest), "a file of the run folder is missing from checkpoints.json"
     # The resolved config, as a file --config reads back.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import zlib
 from pathlib import Path
 
@@ -156,3 +157,70 @@ def test_a_run_keeps_its_split_and_evaluate_validates_on_it(tmp_path, config, ca
     assert main(["--config", str(config_file), "evaluate", "--weights", str(weights), "--data", str(root)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert sum(row["images"] for row in report["per_class"]) == len(split["val"])
+
+
+def test_a_link_in_a_class_folder_that_loops_or_leaves_it_is_refused_by_name(tmp_path, config):
+    root = image_folder(tmp_path / "images", classes=config.model.num_classes)
+    cat = root / "train" / "class0"
+    (cat / "up").symlink_to("..")  # every class again, labelled class0
+    with pytest.raises(DataError, match=r"class0/up is a loop back to a folder above it"):
+        make_datasets(str(root), config)
+    (cat / "up").unlink()
+    (cat / "other.png").symlink_to(root / "train" / "class1" / "0.png")
+    with pytest.raises(DataError, match=r"class0/other.png is a link to .*, outside its class folder"):
+        make_datasets(str(root), config)
+    (cat / "other.png").unlink()
+    (cat / "again.png").symlink_to("0.png")  # a link that stays in its class folder is an image like any other
+    assert len(make_datasets(str(root), config)[0]) == 2 * config.model.num_classes + 1
+
+
+def test_a_run_records_its_data_and_evaluate_run_uses_it(tmp_path, config, capsys):
+    root = image_folder(tmp_path / "images", classes=config.model.num_classes)
+    out = tmp_path / "run"
+    fit(config, out, data=str(root), epochs=1, device="cpu")
+    record = json.loads((out / "data.json").read_text())
+    assert record["data"] == str(root.resolve()) and record["train"]["images"] == 2 * config.model.num_classes
+    capsys.readouterr()
+    # No --data: the run's own, not synthetic (whose class names differ).
+    assert main(["evaluate", "--run", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["per_class"][0]["class"] == "class0"
+    (root / "val" / "class0" / "0.png").write_bytes((root / "val" / "class1" / "0.png").read_bytes() + b"x")
+    assert main(["evaluate", "--run", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "has changed since the run" in err and err.count("\n") == 1, err
+
+
+def test_a_resume_trains_on_the_run_s_data_and_refuses_other_data(tmp_path, config, capsys):
+    root = image_folder(tmp_path / "images", classes=config.model.num_classes)
+    other = image_folder(tmp_path / "other", classes=config.model.num_classes, per_class=3)
+    out = tmp_path / "run"
+    fit(config, out, data=str(root), epochs=3, stop_after=1, device="cpu")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume {out}" in err and "was trained on" in err and err.count("\n") == 1, err
+    # The same file names, counts and classes, other pixels: other data all the same.
+    twin = shutil.copytree(root, tmp_path / "twin")
+    first, second = twin / "train" / "class0" / "0.png", twin / "train" / "class0" / "1.png"
+    first_bytes = first.read_bytes()
+    first.write_bytes(second.read_bytes())
+    second.write_bytes(first_bytes)
+    assert main(["train", "--resume", str(out), "--data", str(twin)]) == 2
+    assert "was trained on" in capsys.readouterr().err
+    # What a stopped run prints, `continue with --resume RUN`, is all a resume needs.
+    assert main(["train", "--resume", str(out), "--stop-after", "1"]) == 0
+    assert torch.load(out / "last.ckpt", weights_only=True)["epoch"] == 1
+    assert main(["train", "--resume", str(out), "--data", str(root)]) == 0
+
+
+def test_an_edited_split_is_refused_on_resume(tmp_path, config, capsys):
+    root = one_folder(tmp_path, config)
+    out = tmp_path / "run"
+    fit(config, out, data=str(root), epochs=2, stop_after=1, device="cpu")
+    split = json.loads((out / "split.json").read_text())
+    split["train"] += split["val"]  # the validation images train too
+    (out / "split.json").write_text(json.dumps(split))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "an edited split.json" in err and err.count("\n") == 1, err

@@ -409,7 +409,7 @@ def find_resumable(folder: str | Path) -> tuple[Path, dict[str, Any]]:
     for name in candidates:
         try:
             files.verify(name)
-            return files.folder / name, torch_load(files.folder / name)
+            return files.folder / name, check_full(torch_load(files.folder / name), files.folder / name)
         except CheckpointError as err:
             print(f"resume: skipped {name}: {err}")
             reasons.append(f"{name}: {err}")
@@ -428,7 +428,31 @@ def load_resume(path: str | Path) -> tuple[Path, dict[str, Any]]:
         files.verify(path.name)
     else:
         print(f"resume: {path} is not listed in a {MANIFEST}; loading it without a hash check")
-    checkpoint = torch_load(path)
+    return path, check_full(torch_load(path), path)
+
+
+# What --resume reads from a full checkpoint, and the type each must have.
+FULL_PARTS = {
+    "epoch": int,
+    "model": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "rng": list,
+    "history": list,
+    "freeze_manifest": dict,
+    "config": dict,
+}
+
+
+def check_full(checkpoint: Any, path: Path) -> dict[str, Any]:
+    """A full checkpoint with every part a resume reads, each of its type; else one line naming the first one not."""
     if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint:
         raise CheckpointError(f"{path} is not a full checkpoint (last.ckpt or epoch-*.ckpt): it has no optimizer state")
-    return path, checkpoint
+    for key, kind in FULL_PARTS.items():
+        value = checkpoint.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            found = "missing" if key not in checkpoint else f"a {type(value).__name__}"
+            raise CheckpointError(f"{path}: its {key} is {found}, not a {kind.__name__}; it cannot be resumed")
+    if not all(isinstance(row, dict) for row in checkpoint["history"]) or checkpoint["epoch"] < 0:
+        raise CheckpointError(f"{path}: its epoch or history is not what a run writes; it cannot be resumed")
+    return checkpoint

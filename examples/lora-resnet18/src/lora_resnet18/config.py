@@ -129,6 +129,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except (IsADirectoryError, PermissionError) as err:
+            raise ConfigError(f"--config {path}: cannot be read ({err.strerror}); pass a TOML file") from None
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
         _overlay(tables, _read(text, str(path)), str(path))
@@ -148,13 +150,17 @@ def _read(text: str, name: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{name}: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{name}: a value nests too deeply to be a config value") from None
 
 
 def _overlay(tables: dict[str, Any], user: dict[str, Any], where: str) -> None:
     """The user's keys over the defaults; a section or key the defaults lack is an error."""
     for section, values in user.items():
-        if section not in tables or not isinstance(values, dict):
+        if section not in tables:
             raise ConfigError(f"{where}: unknown section [{section}]{_near(section, tables)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: {section} = {values!r:.40}: [{section}] must be a table of keys, not a value")
         for key, value in values.items():
             if f"{section}.{key}" in MOVED:
                 raise ConfigError(f"{where}: {section}.{key} moved; write {MOVED[f'{section}.{key}']}")
@@ -179,6 +185,8 @@ def apply_overrides(tables: dict[str, Any], overrides: Sequence[str]) -> None:
             value = tomllib.loads(f"value = {raw}")["value"]
         except tomllib.TOMLDecodeError:
             value = raw.strip()
+        except RecursionError:
+            raise ConfigError(f"--set {name.strip()}=...: the value nests too deeply to be a config value") from None
         _overlay(tables, {section: {key: value}}, f"--set {text}")
 
 
@@ -213,7 +221,7 @@ def check(config: Config) -> None:
             if not _fits(getattr(values, key), expected):
                 raise ConfigError(f"{section}.{key} = {getattr(values, key)!r}: must be {_describe(expected)}")
     parse_stages(config.unfreeze.stages)  # each stage table's keys and types, before the rules read them
-    for key, value, ok, allowed in _rules(config):
+    for key, value, ok, allowed in _rules(config) + _bounds(config):
         if not ok:
             raise ConfigError(f"{key} = {value!r}: {allowed}")
 
@@ -335,6 +343,28 @@ def _rules(config: Config) -> list[tuple[str, Any, bool, str]]:
     rules.append(("checkpoint.keep_last_k", keep, keep >= 0, "0 (last.ckpt only) or more"))
     for rule in init.remap:
         rules.append(("init.remap", rule, len(rule) == 2 and _regex(rule[0]), "[regex, replacement] pairs"))
+    return rules
+
+
+# Beyond these a run fails later with a traceback (numpy's seed) or asks for more memory than a machine has.
+MAX_SEED = 2**32 - 1 - 2**20  # seed + epoch and seed + rank stay below numpy's 2**32
+MAX_CLASSES = 1_000_000
+MAX_IMAGE_SIZE = 8192
+MAX_SYNTHETIC = 10_000_000
+
+
+def _bounds(config: Config) -> list[tuple[str, Any, bool, str]]:
+    """The upper bounds, as (key, value, whether it is allowed, what is allowed)."""
+    model, train = config.model, config.train
+    rules = [
+        ("train.seed", train.seed, 0 <= train.seed <= MAX_SEED, f"a whole number in [0, {MAX_SEED}]"),
+        ("model.num_classes", model.num_classes, model.num_classes <= MAX_CLASSES, f"at most {MAX_CLASSES:,}"),
+    ]
+    size = train.image_size
+    rules.append(("train.image_size", size, size <= MAX_IMAGE_SIZE, f"at most {MAX_IMAGE_SIZE}"))
+    for key in ("synthetic_train_size", "synthetic_val_size"):
+        size = getattr(config.data, key)
+        rules.append((f"data.{key}", size, size <= MAX_SYNTHETIC, f"at most {MAX_SYNTHETIC:,} images"))
     return rules
 
 

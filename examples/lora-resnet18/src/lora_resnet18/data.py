@@ -10,8 +10,10 @@ an image that validated never trains, even after images are added.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -125,6 +127,7 @@ def checked_folder(folder: Path, transform, bad_images: str) -> Dataset:
     """
     from torchvision import datasets
 
+    check_links(folder)
     try:
         dataset = datasets.ImageFolder(folder, transform=transform, loader=load_rgb, allow_empty=True)
     except FileNotFoundError:
@@ -157,6 +160,29 @@ def checked_folder(folder: Path, transform, bad_images: str) -> Dataset:
         dataset.imgs = dataset.samples
         dataset.targets = [target for _, target in dataset.samples]
     return dataset
+
+
+def check_links(folder: Path) -> None:
+    """Refuse, by name, a link in a class folder that is a folder (a loop, or images counted twice) or leaves it.
+
+    ImageFolder follows links: one back to a parent lists every image again
+    under this class, and two such loops never end.
+    """
+    for class_dir in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+        inside = class_dir.resolve()
+        for top, dirs, files in os.walk(class_dir):  # links to folders are listed, not followed
+            for name in dirs + files:
+                path = Path(top) / name
+                if not path.is_symlink():
+                    continue
+                target = path.resolve()
+                if path.is_dir():
+                    why = "a loop back to a folder above it" if inside.is_relative_to(target) else "a link to a folder"
+                elif not target.is_relative_to(inside):
+                    why = f"a link to {target}, outside its class folder {class_dir}"
+                else:
+                    continue
+                raise DataError(f"{path} is {why}; a class folder holds its own images (copy the files in)")
 
 
 def image_folder_datasets(
@@ -280,6 +306,48 @@ def make_datasets(data: str, config: Config, split: dict | None = None) -> tuple
         if len(dataset) == 0:
             raise DataError(f"--data {data}: the {side} side has no images left to use")
     return train, val
+
+
+# How much of each image the fingerprint reads: all of a small one, the header and first rows of a large one.
+HEAD_BYTES = 1 << 16
+
+
+def data_record(data: str, train: Dataset, val: Dataset) -> dict[str, Any]:
+    """What a run trains on: --data, and per side a fingerprint of the images it uses (path, size, label, first bytes).
+
+    Saved as RUN/data.json and in each full checkpoint; a resume on other
+    data, or on an edited split.json, is refused by it. Data held in memory
+    (synthetic) has no files: its config is its fingerprint.
+    """
+    record: dict[str, Any] = {"data": data if data == DEFAULT_DATA else str(Path(data).resolve())}
+    for side, dataset in (("train", train), ("val", val)):
+        samples = used_samples(dataset)
+        if samples is None:
+            record[side] = {"images": len(dataset), "sha256": None}
+            continue
+        digest = hashlib.sha256()
+        for path, label in samples:
+            entry = [os.path.relpath(path, data), os.path.getsize(path), label]
+            digest.update(json.dumps(entry).encode())
+            with open(path, "rb") as f:
+                digest.update(f.read(HEAD_BYTES))
+        record[side] = {"images": len(samples), "sha256": digest.hexdigest()}
+    return record
+
+
+def same_data(recorded: dict[str, Any], now: dict[str, Any]) -> bool:
+    """The same images on each side (wherever the folder now is), or both held in memory."""
+    return all(recorded.get(side) == now.get(side) for side in ("train", "val"))
+
+
+def used_samples(dataset: Dataset) -> list[tuple[str, int]] | None:
+    """The (file, label) pairs a dataset reads, in order (an ImageFolder's, or a Subset's of one); None for tensors."""
+    indices = getattr(dataset, "indices", None)
+    base = getattr(dataset, "dataset", dataset) if indices is not None else dataset
+    samples = getattr(base, "samples", None)
+    if not isinstance(samples, list):
+        return None
+    return [samples[i] for i in indices] if indices is not None else list(samples)
 
 
 def numbered_classes(num_classes: int) -> list[str]:

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -22,7 +23,7 @@ from .config import ConfigError
 LOCK = ".lock"
 # What a run writes; any of them means the folder already holds a run.
 RUN_FILES = re.compile(
-    r"^(config\.toml|classes\.json|split\.json|freeze_manifest\.json|metrics\.csv|best\.pt|best\.safetensors|best_adapter\.safetensors|last\.ckpt|epoch-\d+\.ckpt"
+    r"^(config\.toml|classes\.json|data\.json|split\.json|freeze_manifest\.json|metrics\.csv|best\.pt|best\.safetensors|best_adapter\.safetensors|last\.ckpt|epoch-\d+\.ckpt"
     r"|" + re.escape(MANIFEST) + ")$"
 )
 # What lr-find writes: a folder holding them is not a run's.
@@ -33,6 +34,23 @@ TEMP_FILE = re.compile(r"^\..+\.tmp$")
 
 def run_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if RUN_FILES.match(p.name)) if folder.is_dir() else []
+
+
+def check_destination(path: Path, flag: str, *, folder: bool) -> None:
+    """An --out that can be written, checked before anything is: a folder (made if need be) or a file in one."""
+    if path.exists() and folder != path.is_dir():
+        kinds = ("file", "folder") if folder else ("folder", "file")
+        raise ConfigError(f"{flag} {path} is a {kinds[0]}; name a {kinds[1]}")
+    parent = path if folder else path.parent
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path}: {existing} is a file, so nothing can be written under it")
+    if not folder and existing != parent:
+        raise ConfigError(f"{flag} {path}: the folder {parent} does not exist")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {existing} is not writable")
 
 
 def check_free(folder: Path, *, resuming: bool, overwrite: bool) -> None:
@@ -49,18 +67,49 @@ def check_free(folder: Path, *, resuming: bool, overwrite: bool) -> None:
         )
 
 
-def claim(folder: Path, *, resuming: bool, overwrite: bool) -> IO[str]:
+@dataclass
+class Claim:
+    """A claimed run folder: the held lock, and what the folder held once it was claimed."""
+
+    lock: IO[str]
+    folder: Path
+    made: bool  # the claim made the folder
+    before: set[str] = field(default_factory=set)  # its entries, the claim's own .lock left out
+
+    def close(self, keep: bool = True) -> None:
+        """Release the lock; `keep=False` (a run that saved nothing) removes what the run added since the claim.
+
+        Only the run's own files, its .lock and the folder it made go: a
+        failed first epoch leaves the folder as the run found it, and a plain retry works.
+        """
+        self.lock.close()
+        if keep:
+            return
+        for path in self.folder.iterdir():
+            ours = path.name == LOCK or TEMP_FILE.match(path.name) or RUN_FILES.match(path.name)
+            if not ours or path.name in self.before:
+                continue
+            path.unlink(missing_ok=True)
+        if self.made:
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
+
+
+def claim(folder: Path, *, resuming: bool, overwrite: bool) -> Claim:
     """Lock `folder` for this process, check under the lock that it is free, then clear it.
 
     The folder is checked again once the lock is held: another process may
     have started a run in it since start_run looked. With `overwrite` the old
     run's files go; the temp files of a save that a killed process left go
     too. Nothing is opened through a symbolic link. A refusal leaves the
-    folder as it found it. The returned file holds the lock until it is
-    closed or the process ends.
+    folder as it found it. The lock is held until the claim is closed or the
+    process ends.
     """
     made = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {folder}: cannot make the run folder ({err.strerror})") from None
     lock_path = folder / LOCK
     fresh = not lock_path.is_symlink() and not lock_path.exists()
     try:
@@ -93,7 +142,7 @@ def claim(folder: Path, *, resuming: bool, overwrite: bool) -> IO[str]:
             raise
         raise ConfigError(f"{folder}: cannot write the run's lock ({err.strerror}); nothing was written") from None
     clear(folder, overwrite=overwrite)
-    return lock
+    return Claim(lock, folder, made, {p.name for p in folder.iterdir()} - ({LOCK} if fresh else set()))
 
 
 def check_links(folder: Path) -> None:

@@ -98,6 +98,7 @@ def save(run: Run, row: dict[str, float]) -> None:
         "integrity": run.integrity.recorded(),
         "config": run.config.to_dict(),
         "classes": run.classes,
+        "data": run.data_record,
     }
     save_full(run.files, checkpoint, run.config.checkpoint.keep_last_k)
     run.saved = row["epoch"]

@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import pickletools
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -33,6 +34,8 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 NESTED_KEYS = ("state_dict", "model", "model_state", "module")
 PREFIXES = ("module.", "_orig_mod.")
 MANIFEST = "checkpoints.json"
+# The names a checkpoints.json may list: plain file names in its folder, never a path or a hidden file.
+LISTED_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # What a plain legacy state_dict pickle imports, all of which weights_only loads.
 WEIGHTS_ONLY_GLOBALS = ("torch._utils._rebuild_", "torch.FloatStorage", "torch.LongStorage", "torch.HalfStorage")
 WEIGHTS_ONLY_GLOBALS += ("torch.BFloat16Storage", "torch.DoubleStorage", "torch.IntStorage", "collections.OrderedDict")
@@ -144,14 +147,17 @@ class RunFiles:
                 files = json.loads(self.path.read_text())["files"]
             except (ValueError, KeyError, TypeError):
                 files = None
-            # Each entry is read for its hash before any file is trusted.
-            if not isinstance(files, dict) or not all(
-                isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("size"), int)
-                for e in files.values()
-            ):
+            # Each entry is read for its name, hash and epoch before any file is trusted.
+            if not isinstance(files, dict) or not all(map(well_formed, files.values())):
                 raise CheckpointError(
-                    f"{self.path} is damaged: expected a table of files, each with its sha256, as a run writes it; "
-                    "move it aside to use the folder's files unchecked"
+                    f"{self.path} is damaged: expected a table of files, each with its sha256, size and epoch, "
+                    "as a run writes it; move it aside to use the folder's files unchecked"
+                )
+            strange = [name for name in files if not LISTED_NAME.fullmatch(name)]
+            if strange:
+                raise CheckpointError(
+                    f"{self.path} lists {strange[0]!r}, not a plain file name in its folder "
+                    "(letters, digits, '_', '-', '.'); move it aside to use the folder's files unchecked"
                 )
             self.files = files
 
@@ -203,6 +209,13 @@ class RunFiles:
     def _write(self) -> None:
         text = json.dumps({"files": self.files}, indent=2)
         atomic_write(self.path, lambda f: f.write(text.encode()))
+
+
+def well_formed(entry: Any) -> bool:
+    """A checkpoints.json entry as RunFiles.save writes it: sha256, size and a whole epoch number."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        return False
+    return all(isinstance(entry.get(key), int) and not isinstance(entry.get(key), bool) for key in ("size", "epoch"))
 
 
 def verify_in_run(path: str | Path) -> None:
@@ -396,7 +409,7 @@ def find_resumable(folder: str | Path) -> tuple[Path, dict[str, Any]]:
     for name in candidates:
         try:
             files.verify(name)
-            return files.folder / name, torch_load(files.folder / name)
+            return files.folder / name, check_full(torch_load(files.folder / name), files.folder / name)
         except CheckpointError as err:
             print(f"resume: skipped {name}: {err}")
             reasons.append(f"{name}: {err}")
@@ -415,7 +428,31 @@ def load_resume(path: str | Path) -> tuple[Path, dict[str, Any]]:
         files.verify(path.name)
     else:
         print(f"resume: {path} is not listed in a {MANIFEST}; loading it without a hash check")
-    checkpoint = torch_load(path)
+    return path, check_full(torch_load(path), path)
+
+
+# What --resume reads from a full checkpoint, and the type each must have.
+FULL_PARTS = {
+    "epoch": int,
+    "model": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "rng": list,
+    "history": list,
+    "freeze_manifest": dict,
+    "config": dict,
+}
+
+
+def check_full(checkpoint: Any, path: Path) -> dict[str, Any]:
+    """A full checkpoint with every part a resume reads, each of its type; else one line naming the first one not."""
     if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint:
         raise CheckpointError(f"{path} is not a full checkpoint (last.ckpt or epoch-*.ckpt): it has no optimizer state")
-    return path, checkpoint
+    for key, kind in FULL_PARTS.items():
+        value = checkpoint.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            found = "missing" if key not in checkpoint else f"a {type(value).__name__}"
+            raise CheckpointError(f"{path}: its {key} is {found}, not a {kind.__name__}; it cannot be resumed")
+    if not all(isinstance(row, dict) for row in checkpoint["history"]) or checkpoint["epoch"] < 0:
+        raise CheckpointError(f"{path}: its epoch or history is not what a run writes; it cannot be resumed")
+    return checkpoint

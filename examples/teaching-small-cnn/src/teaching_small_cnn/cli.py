@@ -24,8 +24,10 @@ from .data import (
     DEFAULT_DATA,
     DataError,
     class_names,
+    data_record,
     make_datasets,
     numbered_classes,
+    same_data,
     saved_split,
 )
 from .evaluation import confusion_matrix, finite_or_null, report, write_report
@@ -37,6 +39,7 @@ from .model import build_model
 from .predict import format_rows, image_files, predict, predict_workers, write_predictions
 from .rng import rngs_kept, seed_everything
 from .run import pick_device, prepare_model
+from .runfolder import check_destination
 from .saving import DivergedError, write_csv
 from .train import Stopped, fit
 from .traps import TRAPS, format_table, run_traps
@@ -107,7 +110,7 @@ def add_inference_commands(commands: argparse._SubParsersAction) -> None:
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--weights", help="best.pt, best.safetensors or last.ckpt")
     source.add_argument("--run", help="a run folder: its best weights and, without --config, its config.toml")
-    ev.add_argument("--data", default=DEFAULT_DATA)
+    ev.add_argument("--data", help=f"default: the data the run trained on (its data.json), else {DEFAULT_DATA}")
     ev.add_argument("--device")
     ev.add_argument("--out", help="folder to write per_class.csv and confusion.csv into")
 
@@ -128,7 +131,10 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="fine-tune and write a run folder")
     train.add_argument("--out", help="run folder to write (default with --resume: the resumed run's folder)")
     train.add_argument("--epochs", type=at_least_one, help="total epochs (default: train.epochs in the config)")
-    train.add_argument("--data", default=DEFAULT_DATA, help="'synthetic', or a folder (train/ and val/, or classes)")
+    train.add_argument(
+        "--data",
+        help="'synthetic' (the default; with --resume, the run's own data), or a folder (train/ and val/, or classes)",
+    )
     train.add_argument("--init", help="weights to start from (.pt, .pth, .bin, .ckpt, .safetensors)")
     train.add_argument(
         "--resume", help="a run folder (its newest checkpoint that matches checkpoints.json) or one full checkpoint"
@@ -321,17 +327,33 @@ def run_weights(run: Path) -> Path:
     raise ConfigError(f"--run {run}: no best.safetensors, best.pt or last.ckpt there")
 
 
+def run_data(weights: str, data: str | None) -> tuple[str, dict | None]:
+    """--data, else the data the weights' run trained on (its data.json), else synthetic; and that record."""
+    path = Path(weights).parent / "data.json"
+    if data is not None or not path.is_file():
+        return data or DEFAULT_DATA, None
+    try:
+        record = json.loads(path.read_text())
+        return str(record["data"]), record
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path} is not a run's data record ({type(err).__name__}: {err}); pass --data") from None
+
+
 def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
     device = pick_device(args.device)
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ConfigError(f"--out {args.out} is a file; evaluate writes a folder of reports")
+    if args.out is not None:
+        check_destination(Path(args.out), "--out", folder=True)
     if args.run is not None:
         args.weights = str(run_weights(Path(args.run)))
-        if args.config is None:
-            config = load_config(Path(args.run) / "config.toml", args.set)
     model = trained_model(args.weights, config)
+    args.data, recorded = run_data(args.weights, args.data)
     # A one-folder dataset validates on the split the weights were trained with.
-    _, val_set = make_datasets(args.data, config, saved_split(Path(args.weights).parent, args.data))
+    train_set, val_set = make_datasets(args.data, config, saved_split(Path(args.weights).parent, args.data))
+    if recorded is not None and not same_data(recorded, data_record(args.data, train_set, val_set)):
+        raise DataError(
+            f"{args.data} has changed since the run of {args.weights} trained on it (its images, or its split.json); "
+            "pass --data to evaluate on it as it is now"
+        )
     saved, names = read_classes(args.weights), class_names(val_set, config.model.num_classes)
     if saved is not None and saved != names:
         raise DataError(f"{args.weights} was trained on the classes {saved}; --data {args.data} has {names}")
@@ -363,8 +385,8 @@ def weights_classes(weights: str, config: Config) -> list[str]:
 
 def cmd_predict(args: argparse.Namespace, config: Config) -> int:
     device = pick_device(args.device)
-    if args.out is not None and not Path(args.out).parent.is_dir():
-        raise ConfigError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
+    if args.out is not None:
+        check_destination(Path(args.out), "--out", folder=False)
     model, classes = trained_model(args.weights, config).to(device).eval(), weights_classes(args.weights, config)
     if args.top_k > len(classes):
         raise ConfigError(f"--top-k {args.top_k}: the model has {len(classes)} classes")
@@ -383,6 +405,16 @@ def cmd_predict(args: argparse.Namespace, config: Config) -> int:
     return 1 if skipped else 0
 
 
+def run_config(args: argparse.Namespace) -> str | Path | None:
+    """--config, else the config.toml of the run that saved the weights: they run as they were trained."""
+    weights = getattr(args, "weights", None) if args.command in ("evaluate", "predict") else None
+    if args.command == "evaluate" and args.run is not None:
+        weights = str(Path(args.run) / "config.toml")
+    if args.config is not None or weights is None or not (Path(weights).parent / "config.toml").is_file():
+        return args.config
+    return Path(weights).parent / "config.toml"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     commands = {
@@ -395,8 +427,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "traps": cmd_traps,
     }
     try:
-        config = load_config(args.config, args.set)
+        config = load_config(run_config(args), args.set)
         return commands[args.command](args, config)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as err:
+        # An allocation the machine cannot make (a huge num_classes, image_size or dataset): one line, not a traceback.
+        if not isinstance(err, MemoryError) and "allocate" not in str(err):
+            raise
+        why = (str(err).splitlines() or [type(err).__name__])[0]
+        advice = "lower train.batch_size, train.image_size or the data's size"
+        print(f"error: out of memory ({why}); {advice}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import tomli_w
 import torch
@@ -33,7 +33,7 @@ from .config import (
     load_config,
     parse_stages,
 )
-from .data import DEFAULT_DATA, class_names, make_datasets, saved_split
+from .data import DEFAULT_DATA, class_names, data_record, make_datasets, same_data, saved_split
 from .freeze import (
     FreezeState,
     Selector,
@@ -48,7 +48,7 @@ from .layers import freeze_summary
 from .model import build_model
 from .optim import cosine_schedule, make_optimizer, param_groups, trainable_names
 from .rng import seed_everything, set_rng_state
-from .runfolder import check_free, claim
+from .runfolder import Claim, check_destination, check_free, claim
 from .saving import full_info, write_json
 from .weights import load_init
 
@@ -73,11 +73,12 @@ class Run:
     train_set: Dataset | None = None
     val_set: Dataset | None = None
     classes: list[str] = field(default_factory=list)  # names in label order, saved with the weights
+    data_record: dict[str, Any] = field(default_factory=dict)  # --data and a fingerprint of its files (data.json)
     sampler: RandomSampler | None = None
     shuffle: torch.Generator = field(default_factory=torch.Generator)
     train_loader: DataLoader | None = None
     val_loader: DataLoader | None = None
-    lock: IO[str] | None = None
+    lock: Claim | None = None
     integrity: Integrity | None = None
     saved: int | None = None  # the last epoch whose files are all written
     checkpoint: dict[str, Any] | None = None
@@ -92,7 +93,7 @@ class Asked:
     """What the caller asked for, as `fit` takes it."""
 
     out: str | Path | None
-    data: str
+    data: str | None  # None: the resumed run's, else synthetic
     epochs: int | None
     init: str | Path | None
     resume: str | Path | None
@@ -108,6 +109,8 @@ def pick_device(name: str | None = None) -> torch.device:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         raise ConfigError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: this project trains on cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: this machine has no CUDA device; use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -227,7 +230,13 @@ def start_run(config: Config | None, asked: Asked) -> Run:
     out = asked.out or out
     if out is None:
         raise ConfigError("no run folder: pass --out or --resume")
+    check_destination(Path(out), "--out", folder=True)
     resuming = resume is not None and Path(out).resolve() == resume.parent.resolve()
+    if resuming and asked.overwrite:
+        raise ConfigError(
+            f"--resume {asked.resume} continues the run in {out}, which --overwrite would delete first; "
+            "pass one of them"
+        )
     check_free(Path(out), resuming=resuming, overwrite=asked.overwrite)
     # The model starts the same whatever ran before in this process.
     seed_everything(config.train.seed)
@@ -236,7 +245,8 @@ def start_run(config: Config | None, asked: Asked) -> Run:
         init=asked.init,
         freeze_from=asked.freeze_from,
     )
-    run = Run(config, asked.data, config.train.epochs, Path(out), model, state, dev)
+    data = asked.data or (checkpoint or {}).get("data", {}).get("data") or DEFAULT_DATA
+    run = Run(config, data, config.train.epochs, Path(out), model, state, dev)
     run.stages = parse_stages(config.unfreeze.stages)
     run.checkpoint, run.resumed_from = checkpoint, resume
     if checkpoint is not None:
@@ -247,19 +257,38 @@ def start_run(config: Config | None, asked: Asked) -> Run:
         apply(model, run.state)
     # A resumed one-folder run trains on the split it began with.
     split = saved_split(resume.parent) if resume is not None else None
-    run.train_set, run.val_set = make_datasets(asked.data, config, split)
+    run.train_set, run.val_set = make_datasets(data, config, split)
     run.classes = class_names(run.train_set, config.model.num_classes)
-    saved = checkpoint.get("classes") if checkpoint is not None else None
-    if saved is not None and saved != run.classes:
-        raise ConfigError(
-            f"--resume {resume} was trained on the classes {saved}; --data {asked.data} has {run.classes}"
-        )
+    run.data_record = data_record(data, run.train_set, run.val_set)
+    if checkpoint is not None:
+        check_same_data(checkpoint, run, resume)
     return run
+
+
+def resuming(run: Run) -> bool:
+    """Whether this run continues the run its folder holds (a --resume into its own folder)."""
+    return run.resumed_from is not None and run.out.resolve() == run.resumed_from.parent.resolve()
+
+
+def check_same_data(checkpoint: dict[str, Any], run: Run, resume: Path) -> None:
+    """A resume trains on the data the run began with: the same classes, and the same files when it recorded them."""
+    saved = checkpoint.get("classes")
+    if saved is not None and saved != run.classes:
+        raise ConfigError(f"--resume {resume} was trained on the classes {saved}; --data {run.data} has {run.classes}")
+    recorded = checkpoint.get("data")  # absent from checkpoints written before runs recorded their data
+    if recorded is None or same_data(recorded, run.data_record):
+        return
+    was = ", ".join(f"{recorded[side]['images']} {side}" for side in ("train", "val"))
+    now = ", ".join(f"{run.data_record[side]['images']} {side}" for side in ("train", "val"))
+    raise ConfigError(
+        f"--resume {resume} was trained on {recorded['data']} ({was} images); --data {run.data} gives "
+        f"other images ({now}, or the same number changed, or an edited split.json): resume without --data"
+    )
 
 
 def open_run(run: Run, asked: Asked) -> None:
     """Claim the run folder (its lock, then the old run's files if asked), then the optimizer and the loaders."""
-    run.lock = claim(run.out, overwrite=asked.overwrite)
+    run.lock = claim(run.out, resuming=resuming(run), overwrite=asked.overwrite)
     run.files = RunFiles(run.out)
     print(freeze_summary(run.model, run.state))
     build_training(run, run.checkpoint)
@@ -281,6 +310,7 @@ def write_record(run: Run) -> None:
     """What the run is: its resolved config (`--config RUN/config.toml` repeats it), class names, freeze state."""
     atomic_write(run.out / "config.toml", lambda f: f.write(tomli_w.dumps(run.config.to_dict()).encode()))
     write_json(run.out / "classes.json", run.classes)
+    write_json(run.out / "data.json", run.data_record)
     split = getattr(run.train_set, "split", None)
     if split is not None:
         write_json(run.out / "split.json", split)
@@ -302,9 +332,13 @@ def build_training(run: Run, checkpoint: dict[str, Any] | None) -> None:
 
 def restore(run: Run, checkpoint: dict[str, Any], resume: Path) -> None:
     """Put a full checkpoint back: weights, optimizer, schedule, RNG, history."""
-    run.model.load_state_dict(checkpoint["model"])
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    try:
+        run.model.load_state_dict(checkpoint["model"])
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        run.scheduler.load_state_dict(checkpoint["scheduler"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+        why = (str(err).strip().splitlines() or [type(err).__name__])[-1].strip()
+        raise ConfigError(f"--resume {resume}: its state does not fit this model and optimizer ({why})") from None
     run.first, run.history = checkpoint["epoch"] + 1, checkpoint["history"]
     run.saved = checkpoint["epoch"]
     set_rng_state(checkpoint["rng"][0])

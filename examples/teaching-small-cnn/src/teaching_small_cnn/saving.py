@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +102,7 @@ def save(run: Run, row: dict[str, float]) -> None:
         "integrity": run.integrity.recorded(),
         "config": run.config.to_dict(),
         "classes": run.classes,
+        "data": run.data_record,
     }
     save_full(run.files, checkpoint, run.config.checkpoint.keep_last_k)
     run.saved = row["epoch"]
@@ -153,6 +155,10 @@ def full_info(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return {"epoch": checkpoint["epoch"], "metric": {k: last[k] for k in ("val_loss", "val_acc")}, "format": "full"}
 
 
+# The epoch files pruning may delete: a plain name in the run folder, nothing else.
+EPOCH_FILE = re.compile(r"epoch-\d{4,}\.ckpt")
+
+
 def save_full(files: RunFiles, checkpoint: dict[str, Any], keep_last_k: int) -> None:
     """last.ckpt, plus epoch-NNNN.ckpt files of which the newest keep_last_k stay.
 
@@ -164,7 +170,7 @@ def save_full(files: RunFiles, checkpoint: dict[str, Any], keep_last_k: int) -> 
     info = full_info(checkpoint)
     if keep_last_k:
         files.save(f"epoch-{checkpoint['epoch']:04d}.ckpt", payload, info)
-        epoch_files = sorted(name for name in files.files if name.startswith("epoch-"))
+        epoch_files = sorted((name for name in files.files if EPOCH_FILE.fullmatch(name)), key=lambda n: int(n[6:-5]))
         for name in epoch_files[:-keep_last_k]:
             files.remove(name)
     files.save("last.ckpt", payload, info)

@@ -21,7 +21,6 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import Config, Stage
-from .data import DEFAULT_DATA
 from .freeze import manifest, unfreeze_stage
 from .optim import add_groups, param_groups
 from .run import Asked, Run, open_run, start_run
@@ -114,7 +113,7 @@ def fit(
     config: Config | None,
     out: str | Path | None,
     *,
-    data: str = DEFAULT_DATA,
+    data: str | None = None,
     epochs: int | None = None,
     init: str | Path | None = None,
     resume: str | Path | None = None,
@@ -133,6 +132,7 @@ def fit(
     A resume trains on with the config saved in the checkpoint; `config`, if
     given, may differ from it only in keys that cannot change the result,
     and so may `overrides` ("section.key=value", laid over the saved config).
+    `data` is "synthetic" or an image folder; by default a resumed run's own, else "synthetic".
     `freeze_from` is a freeze_manifest.json whose freeze state replaces the
     config's spec. `overwrite` deletes the run a folder holds and starts over.
     """
@@ -163,12 +163,13 @@ def fit(
 def end_run(run: Run, finished: bool) -> None:
     """release the folder's lock, whatever stopped the run."""
     if run.lock is not None:
-        run.lock.close()
+        # A run that saved nothing leaves the folder as it found it: a plain retry works.
+        run.lock.close(keep=run.saved is not None)
 
 
 def stopped_line(run: Run) -> str:
     if run.saved is None:
-        return f"stopped before the first epoch was saved; {run.out} holds no trained weights"
+        return f"stopped before the first epoch was saved; {run.out} is left as it was, so the same command starts over"
     last = run.saved
     return f"stopped after epoch {last}, whose files are intact; continue with --resume {run.out}"
 

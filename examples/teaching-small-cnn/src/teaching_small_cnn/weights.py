@@ -30,6 +30,8 @@ class LoadPlan:
     unexpected: list[str] = field(default_factory=list)
     beyond_first_n: list[str] = field(default_factory=list)
     converted: list[tuple[str, torch.dtype, torch.dtype]] = field(default_factory=list)  # loaded, but as another kind
+    # Not loaded: an integer or bool tensor of the file where the model holds a float weight.
+    wrong_dtype: list[tuple[str, torch.dtype, torch.dtype]] = field(default_factory=list)
     remapped: int = 0
     model_keys: list[str] = field(default_factory=list)
 
@@ -42,6 +44,12 @@ class LoadPlan:
 
     def refusal(self, min_loaded_fraction: float) -> str | None:
         """Why `train --init` refuses this plan, or None when it accepts it."""
+        if self.wrong_dtype:
+            key, file_dtype, model_dtype = self.wrong_dtype[0]
+            return (
+                f"{len(self.wrong_dtype)} tensors of {self.source} cannot carry the model's float weights "
+                f"(first: {key}, {file_dtype} in the file, {model_dtype} in the model); refusing to train from it"
+            )
         if self.fraction() >= min_loaded_fraction:
             return None
         return (
@@ -58,6 +66,8 @@ class LoadPlan:
             rows.append(("shape mismatch", f"{key}  file {list(file)} model {list(model)}"))
         for key, file_dtype, model_dtype in self.converted:
             rows.append(("converted", f"{key}  file {file_dtype} -> model {model_dtype}"))
+        for key, file_dtype, model_dtype in self.wrong_dtype:
+            rows.append(("wrong dtype", f"{key}  file {file_dtype}, model {model_dtype}"))
         rows += [("beyond first_n", label) for label in collapse(self.beyond_first_n, universe)]
         rows += [("missing in file", label) for label in collapse(self.missing, universe)]
         rows += [("not in model", label) for label in collapse(self.unexpected, universe)]
@@ -122,6 +132,20 @@ def compile_remap(remap: list[list[str]]) -> list[tuple[re.Pattern[str], str]]:
     return [(re.compile(pattern), replacement) for pattern, replacement in remap]
 
 
+def apply_remap(source: dict[str, torch.Tensor], rules: list, plan: LoadPlan) -> dict[str, torch.Tensor]:
+    """The file's tensors under the names init.remap gives them; counts the renamed keys in `plan`."""
+    renamed: dict[str, torch.Tensor] = {}
+    for key, value in source.items():
+        new = key
+        for pattern, replacement in rules:
+            new = pattern.sub(replacement, new)
+        plan.remapped += new != key
+        if new in renamed:
+            raise ConfigError(f"init.remap maps two keys of {plan.source} to {new!r}; make the patterns more specific")
+        renamed[new] = value
+    return renamed
+
+
 def plan_load(model: nn.Module, source: dict[str, torch.Tensor], name: str, remap: list, first_n: int) -> LoadPlan:
     """Which tensors of `source` fill which of the model's, and why the rest do not.
 
@@ -134,17 +158,8 @@ def plan_load(model: nn.Module, source: dict[str, torch.Tensor], name: str, rema
         raise CheckpointError(
             f"{name} holds LoRA tensors (first: {adapters[0]}); pass the run's best.pt or best.safetensors"
         )
-    rules = compile_remap(remap)
-    renamed: dict[str, torch.Tensor] = {}
     plan = LoadPlan(name)
-    for key, value in source.items():
-        new = key
-        for pattern, replacement in rules:
-            new = pattern.sub(replacement, new)
-        plan.remapped += new != key
-        if new in renamed:
-            raise ConfigError(f"init.remap maps two keys of {name} to {new!r}; make the patterns more specific")
-        renamed[new] = value
+    renamed = apply_remap(source, compile_remap(remap), plan)
     target = model.state_dict()
     plan.model_keys = list(target)
     for key, value in target.items():
@@ -152,6 +167,8 @@ def plan_load(model: nn.Module, source: dict[str, torch.Tensor], name: str, rema
             plan.missing.append(key)
         elif renamed[key].shape != value.shape:
             plan.mismatched.append((key, tuple(renamed[key].shape), tuple(value.shape)))
+        elif value.is_floating_point() and not (renamed[key].is_floating_point() or renamed[key].is_complex()):
+            plan.wrong_dtype.append((key, renamed[key].dtype, value.dtype))
         elif first_n and len(plan.tensors) >= first_n:
             plan.beyond_first_n.append(key)
         else:
