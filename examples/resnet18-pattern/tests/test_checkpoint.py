@@ -215,6 +215,25 @@ def test_a_full_disk_is_one_line_and_the_file_it_would_replace_stays(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temp file left
 
 
+def test_a_signal_just_after_the_temp_file_is_made_leaves_no_temp_file(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM raises KeyboardInterrupt at any bytecode, this one included."""
+    path = tmp_path / "best.pt"
+    path.write_bytes(b"the good file")
+    real_open = os.open
+
+    def signal_lands(name, flags, mode=0o777, **kwargs):
+        fd = real_open(name, flags, mode, **kwargs)
+        if str(name).endswith(".tmp"):
+            raise KeyboardInterrupt  # the file exists; the caller has not seen its fd
+        return fd
+
+    monkeypatch.setattr(os, "open", signal_lands)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"the good file"
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+
+
 def test_train_on_a_full_disk_exits_2_with_one_line(tmp_path, config_file, monkeypatch, capsys):
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

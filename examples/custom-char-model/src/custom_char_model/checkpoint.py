@@ -19,7 +19,7 @@ import os
 import pickle
 import pickletools
 import re
-import tempfile
+import secrets
 import zipfile
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -55,31 +55,24 @@ def atomic_path(path: Path, before_replace: Callable[[Path], None] | None = None
     `before_replace` sees the complete temp file just before the rename.
     """
     path = Path(path)
+    # The name is chosen before the try, so a Ctrl-C or SIGTERM (a
+    # KeyboardInterrupt between any two bytecodes) that lands just after the
+    # file is made still finds it to remove. O_EXCL: never open a file that
+    # is already there; the mode is what umask allows, as for any file.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        _raise_if_full(err, path)
-        raise
-    os.close(fd)
-    tmp = Path(name)
-    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666))
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); a result file is as readable
-        # as any other the user writes.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         if before_replace is not None:
             before_replace(tmp)
         os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        _raise_if_full(err, path)
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        if not (isinstance(err, FileExistsError) and err.filename == str(tmp)):
+            tmp.unlink(missing_ok=True)  # ours: a name taken already was not
+        if isinstance(err, OSError):
+            _raise_if_full(err, path)
         raise
     # The rename itself must reach the disk too, or a power cut can undo it.
     dir_fd = os.open(path.parent, os.O_RDONLY)
