@@ -294,6 +294,25 @@ def test_the_manifest_catches_a_changed_file_and_accepts_the_one_it_replaced(tmp
         files.verify("w.pt")
 
 
+def test_a_new_file_recorded_but_never_renamed_is_forgotten_not_reported_missing(tmp_path, monkeypatch):
+    files = RunFiles(tmp_path)
+    files.save("last.ckpt", b"kept", {"epoch": 1, "format": "full"})
+    real_replace = os.replace
+
+    def killed_before_the_rename(src, dst):  # SIGTERM after the manifest lists the new file
+        if Path(dst).name == "epoch-0002.ckpt":
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_the_rename)
+    with pytest.raises(KeyboardInterrupt):
+        files.save("epoch-0002.ckpt", b"new", {"epoch": 2, "format": "full"})
+    assert "epoch-0002.ckpt" in json.loads((tmp_path / "checkpoints.json").read_text())["files"]
+    reloaded = RunFiles(tmp_path)
+    assert list(reloaded.files) == ["last.ckpt"]
+    assert reloaded.verify("last.ckpt")["epoch"] == 1
+
+
 def test_every_file_a_run_writes_is_recorded_and_reloads_safely(tmp_path, config):
     out = tmp_path / "run"
     history = fit(config, out, epochs=2, device="cpu")

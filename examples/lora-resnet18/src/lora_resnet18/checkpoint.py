@@ -126,9 +126,10 @@ class RunFiles:
     """A run folder's checkpoints.json: every file saved, with its SHA-256.
 
     Saving is write-ahead: the new file's hash enters the manifest before the
-    rename, and the entry keeps the hash of the file it replaces until the
-    rename is done. Whatever moment a run is killed at, the file on disk
-    matches one of the two hashes, so it can be checked and trusted.
+    rename, and the entry keeps the hash of the file it replaces (None for a
+    new file) until the rename is done. Whatever moment a run is killed at,
+    the file on disk matches one of the two hashes, or a new file is absent
+    and forgotten, so what is listed can be checked and trusted.
     """
 
     def __init__(self, folder: str | Path) -> None:
@@ -152,7 +153,12 @@ class RunFiles:
                     f"{self.path} lists {strange[0]!r}, not a plain file name in its folder "
                     "(letters, digits, '_', '-', '.'); move it aside to use the folder's files unchecked"
                 )
-            self.files = files
+            # A new file recorded by a run killed before its rename was never written: forget it.
+            self.files = {
+                name: entry
+                for name, entry in files.items()
+                if not ("replaces" in entry and entry["replaces"] is None and not (self.folder / name).is_file())
+            }
 
     def save(self, name: str, data: bytes, info: dict[str, Any]) -> None:
         """Write `data` to `folder/name` atomically and record it with `info` (epoch, metric, format)."""
@@ -162,8 +168,8 @@ class RunFiles:
             entry["torch"] = torch.__version__
             entry["written"] = datetime.now(UTC).isoformat(timespec="seconds")
             previous = self.files.get(name)
-            if previous is not None:
-                entry["replaces"] = {k: v for k, v in previous.items() if k != "replaces"}
+            # None marks a file that did not exist: killed before the rename, it never will.
+            entry["replaces"] = None if previous is None else {k: v for k, v in previous.items() if k != "replaces"}
             self.files[name] = entry
             self._write()
 
