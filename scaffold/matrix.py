@@ -1,11 +1,12 @@
-"""The answer matrix: a covering set of answer combinations, and running it.
+"""The answer matrix of the research edition: a covering set of answer combinations, and running it.
 
 Every pair of values of (backbone, freeze_by, bn_policy, checkpoint_formats,
 unfreeze on/off, features) that can occur together occurs in at least one
 answer set. `features` takes five values: none (the core alone), traps
-(the teaching profile's default), the research default and two halves that
-together hold every item, so every feature is both on and off beside every
-value of the other answers.
+alone, the research default and two halves that together hold every item,
+so every feature is both on and off beside every value of the other
+answers. The teaching edition is its own template (teaching/), with its
+own tests (tests/test_teaching_edition.py).
 The full product is small enough to enumerate, so the greedy choice below
 is exact about which pairs exist; `covered_pairs` lets a test check it.
 """
@@ -37,6 +38,7 @@ RESEARCH_FEATURES = (
     "tensorboard",
     "ema",
 )
+# The teaching edition's default, and the one feature it takes.
 TEACHING_FEATURES = ("traps",)
 # Opt-in in both profiles: each needs a package and a store the user picks.
 TRACKERS = ("mlflow", "wandb")
@@ -119,18 +121,15 @@ def covered_pairs(sets: list[dict[str, Any]]) -> set[tuple]:
 
 
 def answers(row: dict[str, Any]) -> dict[str, Any]:
-    """Copier data for one matrix row.
+    """Copier data for one matrix row of the research edition.
 
-    Each profile's default features are asked as that profile alone, and no
-    features as the teaching profile with features = [], so both profiles'
-    defaults are rendered too.
+    The research default's features are left unasked, so copier.yml's
+    default is rendered too.
     """
     data = {**row, "checkpoint_formats": list(row["checkpoint_formats"]), "features": list(row["features"])}
     if row["freeze_by"] in ("none", "lora"):
         del data["unfreeze_at_epoch"]
-    if row["features"] in ((), TEACHING_FEATURES):
-        data["profile"] = "teaching"
-    if row["features"] in (TEACHING_FEATURES, RESEARCH_FEATURES):
+    if row["features"] == RESEARCH_FEATURES:
         del data["features"]
     return data
 

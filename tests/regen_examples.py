@@ -9,7 +9,7 @@ from scaffold.render import render
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = {
-    # The teaching profile: the core alone, every checkpoint format.
+    # The teaching edition as `--defaults --data profile=teaching` renders it (with traps), every format.
     "teaching-small-cnn": {
         "project_name": "teaching-small-cnn",
         "profile": "teaching",
@@ -36,7 +36,6 @@ EXAMPLES = {
         "project_name": "lora-resnet18",
         "backbone": "resnet18",
         "freeze_by": "lora",
-        "profile": "teaching",
         "features": [],
         "checkpoint_formats": ["state_dict", "safetensors", "full"],
     },

@@ -72,10 +72,11 @@ def row(project: Path, name: str) -> str:
     )
 
 
-def bare_teaching(tmp: str) -> Path:
-    answers = {"project_name": "teaching-bare", "profile": "teaching", "backbone": "small_cnn"}
+def bare(tmp: str, profile: str) -> Path:
+    """A fresh small_cnn render of `profile` with no features and every checkpoint format."""
+    answers = {"project_name": f"{profile}-bare", "profile": profile, "backbone": "small_cnn", "features": []}
     answers["checkpoint_formats"] = ["state_dict", "safetensors", "full"]
-    return render(Path(tmp) / "teaching-bare", {**answers, "features": []}, src=ROOT)
+    return render(Path(tmp) / f"{profile}-bare", answers, src=ROOT)
 
 
 # The modules that hold only the core every render keeps, whatever the answers (README: profiles).
@@ -100,7 +101,7 @@ def module_table(project: Path) -> str:
 
 
 def tables() -> tuple[str, str]:
-    """The table of renders, and the module table of a fresh bare teaching render."""
+    """The table of renders, and the module table of a fresh research render with no features."""
     header = [
         "| example | profile | features | modules | lines in `src/` (code) | `train.py` (code) | longest function "
         "| test files |",
@@ -108,8 +109,8 @@ def tables() -> tuple[str, str]:
     ]
     examples = [row(ROOT / "examples" / name, f"`{name}`") for name in EXAMPLES]
     with tempfile.TemporaryDirectory() as tmp:
-        bare = bare_teaching(tmp)
-        return "\n".join([*header, *examples, row(bare, "a fresh render")]), module_table(bare)
+        fresh = [row(bare(tmp, profile), f"a fresh {profile} render") for profile in ("teaching", "research")]
+        return "\n".join([*header, *examples, *fresh]), module_table(bare(tmp, "research"))
 
 
 def readme_table(text: str, begin: str = BEGIN, end: str = END) -> str:

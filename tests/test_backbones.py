@@ -192,9 +192,9 @@ def test_every_selector_a_render_shows_resolves_on_its_model(tmp_path, backbone)
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_every_trap_shows_on_every_backbone(tmp_path, backbone):
-    """The teaching render's `traps`: each habit fails on this model and the project's code holds."""
+    """A research render's `traps`: each habit fails on this model and the project's code holds."""
     package = f"traps_{backbone}"
-    answers = {"project_name": package, "backbone": backbone, "profile": "teaching", **EXTRA_ANSWERS.get(backbone, {})}
+    answers = {"project_name": package, "backbone": backbone, "features": ["traps"], **EXTRA_ANSWERS.get(backbone, {})}
     project = render(tmp_path / package, {**answers, "checkpoint_formats": ["state_dict", "full"]}, src=ROOT)
     config = import_rendered(project, package, "config").load_config()
     rows = import_rendered(project, package, "traps").run_traps(config)

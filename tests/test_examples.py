@@ -27,9 +27,16 @@ def test_example_equals_a_fresh_render(tmp_path, name):
 
 
 def test_examples_are_ruff_clean():
-    """Their package names are longer than the matrix's finetune_demo, so lines wrap elsewhere."""
+    """Their package names are longer than the matrix's finetune_demo, so lines wrap elsewhere.
+
+    The teaching edition passes `ruff check` but is laid out by hand for
+    reading (a record dict on one line, not one key a line): `ruff format`
+    would spread train.fit over 70 lines, past the one-screen limit.
+    """
     for command in (["check"], ["format", "--check"]):
         for example in EXAMPLES:
+            if command[0] == "format" and EXAMPLES[example].get("profile") == "teaching":
+                continue
             proc = subprocess.run(
                 [sys.executable, "-m", "ruff", *command, "--no-cache", "."],
                 cwd=ROOT / "examples" / example,

@@ -19,7 +19,7 @@ from tests.conftest import make_venv
 # `freeze-scaffold matrix`.
 SUBSET = {
     "defaults": {},
-    "teaching-all-formats": {"profile": "teaching", "checkpoint_formats": ["state_dict", "safetensors", "full"]},
+    "core-traps-all-formats": {"features": ["traps"], "checkpoint_formats": ["state_dict", "safetensors", "full"]},
     "name-eval_all-all-formats-unfreeze": {
         "freeze_by": "name",
         "bn_policy": "eval_all",
@@ -81,7 +81,7 @@ LORA_ON_LINEARS = {
 def test_lora_on_linears_passes_on_cpu(render_project, name):
     """test_lora and test_resume (and test_ddp) only: the rest of a ViT-B's suite takes tens of minutes on
     a CPU and checks nothing LoRA-specific that the resnet18 suite above does not."""
-    answers = {"freeze_by": "lora", "profile": "teaching", "features": [], **LORA_ON_LINEARS[name]}
+    answers = {"freeze_by": "lora", "features": [], **LORA_ON_LINEARS[name]}
     project = render_project(f"{name}-lora", **answers)
     tests = ["tests/test_lora.py", "tests/test_resume.py"] + (["tests/test_ddp.py"] if name == "custom" else [])
     proc = run_tests(project, ["-x", *tests])

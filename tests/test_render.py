@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scaffold.matrix import TEACHING_FEATURES, all_rows, answer_sets, answers, covered_pairs, label, without_batchnorm
+from scaffold.matrix import all_rows, answer_sets, answers, covered_pairs, label, without_batchnorm
 from scaffold.render import render
 from tests.conftest import ROOT
 
@@ -194,12 +194,11 @@ def test_no_function_is_longer_than_a_screen(renders):
                     assert length <= 60, f"{label(row)}: {path.name}:{node.name} has {length} lines"
 
 
-def test_the_profiles_defaults_are_what_copier_records(renders):
+def test_the_research_default_is_what_copier_records(renders):
     for row, project in renders.values():
         recorded = yaml.safe_load((project / ".copier-answers.yml").read_text())
         assert recorded["features"] == list(row["features"]), label(row)
-        teaching = row["features"] in ((), TEACHING_FEATURES)
-        assert recorded["profile"] == ("teaching" if teaching else "research"), label(row)
+        assert recorded["profile"] == "research", label(row)
 
 
 def actionlint(workflows: list[Path]) -> list[dict]:

@@ -58,6 +58,25 @@ def template_repo(tmp_path: Path) -> Path:
     return repo
 
 
+def repo_at(commit: str, repo: Path) -> Path:
+    """The template as it was at `commit`, as a git repo tagged v1.0.0."""
+    repo.mkdir()
+    git(repo, "init", "-q")
+    archive = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(repo)], input=archive, check=True)
+    commit_and_tag(repo, "v1.0.0")
+    return repo
+
+
+def copy_and_commit(repo: Path, project: Path, data: dict) -> set[str]:
+    """A render of `repo`'s v1.0.0, committed in its own git repo; returns its files."""
+    copier.run_copy(str(repo), project, data=data, defaults=True, quiet=True)
+    git(project, "init", "-q")
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "rendered")
+    return files_of(project)
+
+
 def files_of(project: Path) -> set[str]:
     return {str(p.relative_to(project)) for p in project.rglob("*") if p.is_file() and ".git" not in p.parts}
 
@@ -65,19 +84,10 @@ def files_of(project: Path) -> set[str]:
 @pytest.mark.slow
 def test_a_project_from_before_features_updates_and_keeps_every_file(tmp_path):
     """copier update from the last main without `features`: no new answers, nothing lost."""
-    repo = tmp_path / "template"
-    repo.mkdir()
-    git(repo, "init", "-q")
-    archive = subprocess.run(["git", "archive", BEFORE_FEATURES], cwd=ROOT, capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(repo)], input=archive, check=True)
-    commit_and_tag(repo, "v1.0.0")
+    repo = repo_at(BEFORE_FEATURES, tmp_path / "template")
     project = tmp_path / "project"
     data = {"backbone": "resnet18", "checkpoint_formats": ["state_dict", "safetensors", "full"]}
-    copier.run_copy(str(repo), project, data=data, defaults=True, quiet=True)
-    git(project, "init", "-q")
-    git(project, "add", "-A")
-    git(project, "commit", "-qm", "rendered")
-    before = files_of(project)
+    before = copy_and_commit(repo, project, data)
     assert "features" not in (project / ".copier-answers.yml").read_text()
 
     copy_checkout(repo)
@@ -108,3 +118,36 @@ def test_update_with_a_changed_answer_keeps_the_project_green(template_repo, tmp
     assert "class FrozenBatchNorm" in (project / "src/finetune_demo/batchnorm.py").read_text()
     proc = run_tests(project, ["-x"])
     assert proc.returncode == 0, proc.stdout[-4000:]
+
+
+# The last main whose teaching profile rendered template/ (the research
+# modules, fewer features): such projects move to teaching/ on update.
+BEFORE_TEACHING_EDITION = "3b053ea"
+
+
+@pytest.mark.slow
+def test_an_older_teaching_project_moves_to_the_teaching_edition_or_keeps_its_shape_as_research(tmp_path):
+    """README "Upgrading": a plain update gives the teaching edition and removes the files it lacks;
+    `--data profile=research --data features=[traps]` keeps every file instead."""
+    repo = repo_at(BEFORE_TEACHING_EDITION, tmp_path / "template")
+    data = {"profile": "teaching", "checkpoint_formats": ["state_dict", "full"]}
+    moved, kept = tmp_path / "moved", tmp_path / "kept"
+    before = copy_and_commit(repo, moved, data)
+    assert copy_and_commit(repo, kept, data) == before
+    assert "src/finetune_demo/runfolder.py" in before  # the research architecture, as it was
+    copy_checkout(repo)
+    commit_and_tag(repo, "v2.0.0")
+
+    copier.run_update(moved, defaults=True, overwrite=True, quiet=True)
+    after = files_of(moved)
+    assert "src/finetune_demo/runfolder.py" not in after and "src/finetune_demo/train.py" in after
+    assert len(list((moved / "src/finetune_demo").glob("*.py"))) <= 8
+    assert "## Upgrading" in (moved / "README.md").read_text()
+    assert not list(moved.rglob("*.rej")), "the update left conflicts"
+    proc = run_tests(moved, ["-x"])
+    assert proc.returncode == 0, proc.stdout[-4000:]
+
+    research = {"profile": "research", "features": ["traps"]}
+    copier.run_update(kept, data=research, defaults=True, overwrite=True, quiet=True)
+    assert before <= files_of(kept), f"lost on update: {sorted(before - files_of(kept))}"
+    assert "profile: research" in (kept / ".copier-answers.yml").read_text()

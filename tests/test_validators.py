@@ -37,6 +37,8 @@ from tests.conftest import ROOT
         ({"unfreeze_at_epoch": -1}, "unfreeze_at_epoch must be 0 (never) or a positive epoch"),
         ({"gpu_runner_label": "gpu runner"}, "must be a single runner label"),
         ({"backbone": "resnet1"}, "Invalid choice for 'backbone'"),
+        ({"profile": "teaching", "freeze_by": "lora"}, "freeze_by 'lora' is in the research edition only"),
+        ({"profile": "teaching", "features": ["traps", "amp"]}, "the teaching edition takes only traps, not amp"),
     ],
 )
 def test_bad_answer_is_refused_with_its_message(render_project, tmp_path, data, message):

@@ -1,152 +1,143 @@
-"""The selector grammar selects what it says, and a wrong selector stops everything."""
+"""Freezing: the selectors, BatchNorm that stays fixed, and an optimizer that holds only what trains."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import frozen_names, has_params, to_toml
+from conftest import pretrained, tiny_bn_model
 
-from teaching_small_cnn.cli import main
-from teaching_small_cnn.data import example_inputs
-from teaching_small_cnn.freeze import FreezeSpecError, freeze, resolve
-from teaching_small_cnn.model import HEAD, build_model
-from teaching_small_cnn.optim import make_optimizer
-from teaching_small_cnn.run import freeze_spec, prepare_model
+from teaching_small_cnn import freeze
+from teaching_small_cnn.checkpoint import read_state_dict
+from teaching_small_cnn.config import Stage, UserError, load_config
+from teaching_small_cnn.model import build_model
+from teaching_small_cnn.train import fit
 
-
-@pytest.fixture
-def model(config):
-    return build_model(config)
+HEAD = "head"
 
 
-def picked(model, *selectors):
-    return resolve(model, list(selectors), "test")[1].params
+def first_child(model: torch.nn.Module) -> str:
+    return next(name for name, child in model.named_children() if any(True for _ in child.parameters()))
 
 
-def inside(model, module):
-    return [f"{module}.{n}" for n, _ in model.get_submodule(module).named_parameters()]
+def test_a_name_an_index_and_a_pattern_freeze_the_same_part(config):
+    model = build_model(config)
+    name = first_child(model)
+    index = [n for n, _ in model.named_children()].index(name)
+    expected = {n for n, _ in model.named_parameters() if n.startswith(name + ".")}
+    for spec in ([name], [index], [f"idx:{index}"], [f"{name}.*"], [f"re:^{name}\\."]):
+        assert freeze.select(model, spec, "test") == expected, spec
 
 
-def test_default_spec_freezes_what_the_config_says(config):
-    model, state = prepare_model(config)
-    assert frozen_names(model), "the default spec froze nothing"
-    head = inside(model, HEAD)
-    assert head and not set(head) & set(frozen_names(model)), "the head must train"
-    for selector, names in state.selectors.items():
-        assert names, f"{selector} selected nothing"
+def test_a_misspelt_name_is_refused_with_the_closest_names(config):
+    model = build_model(config)
+    name = first_child(model)
+    with pytest.raises(UserError, match=f"'{name}x' matches no module or parameter; closest: {name}"):
+        freeze.select(model, [name + "x"], "freeze.frozen")
 
 
-def test_optimizer_holds_trainable_parameters_only(config):
-    model, _ = prepare_model(config)
-    optimizer = make_optimizer(model, config)
-    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
+def test_an_index_out_of_range_lists_the_children(config):
+    with pytest.raises(UserError, match="picks no child; the model's children are 0="):
+        freeze.select(build_model(config), [99], "freeze.frozen")
 
 
-def test_freeze_drops_stale_gradients(model, config):
-    model(example_inputs(config, 2)).sum().backward()
-    freeze(model, ["!" + HEAD], {}, "test")
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    assert frozen and all(p.grad is None for p in frozen)
+def test_a_list_starting_with_negation_freezes_everything_but_the_head(config):
+    model = build_model(config)
+    frozen = freeze.select(model, [f"!{HEAD}"], "test")
+    assert frozen == {n for n, _ in model.named_parameters() if not n.startswith(HEAD + ".")}
 
 
-def test_names_globs_and_regexes_select_the_same_module(model):
-    first = next(name for name, child in model.named_children() if has_params(child))
-    expected = inside(model, first)
-    assert picked(model, first) == expected
-    assert picked(model, f"{first}.*") == expected
-    assert picked(model, rf"re:^{first}\.") == expected
-    one = expected[0]
-    assert picked(model, one) == [one], "a parameter name selects that one tensor"
+def test_freezing_nothing_is_a_full_fine_tune(config):
+    config.freeze.frozen = []
+    model = build_model(config)
+    freeze.apply_freeze(model, config, 0)
+    assert all(p.requires_grad for p in model.parameters())
 
 
-def test_child_indices_negative_ranges_open_ranges_and_nested(model):
-    children = [name for name, _ in model.named_children()]
-    assert picked(model, "idx:-1") == inside(model, children[-1])
-    assert picked(model, -1) == inside(model, children[-1]), "an int is a child index"
-    # Parameters sitting on the model itself (a ViT's cls_token) belong to no child.
-    assert picked(model, "idx:..-1") == [p for c in children[:-1] for p in inside(model, c)]
-    assert picked(model, "idx:0..2") == inside(model, children[0]) + inside(model, children[1])
-    assert picked(model, "idx:1..") == [p for c in children[1:] for p in inside(model, c)]
-    # Nested: the children of the first child that has parameterised children.
-    parent = next(n for n, m in model.named_modules() if n and sum(1 for c in m.children() if has_params(c)) > 1)
-    sub = [f"{parent}.{n}" for n, _ in model.get_submodule(parent).named_children()]
-    assert picked(model, f"idx:{parent}/0..1") == inside(model, sub[0])
+def test_freezing_every_parameter_is_refused(config):
+    config.freeze.frozen = ["*"]
+    with pytest.raises(UserError, match="nothing would train"):
+        freeze.apply_freeze(build_model(config), config, 0)
 
 
-def test_parameter_indices_follow_named_parameters_order(model):
-    params = [name for name, _ in model.named_parameters()]
-    assert picked(model, "param_idx:0..3") == params[:3]
-    assert picked(model, "param_idx:-1") == params[-1:]
+def test_the_optimizer_holds_only_what_trains(config):
+    model = build_model(config)
+    groups = freeze.param_groups(model, config, 0)
+    optimizer = freeze.make_optimizer(model, config, groups)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for p in model.parameters() if p.requires_grad}
 
 
-def test_type_selects_every_module_of_a_class(model):
-    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert layers, "the backbone has BatchNorm2d layers"
-    assert picked(model, "type:BatchNorm2d") == [p for n in layers for p in inside(model, n)]
-    assert set(inside(model, HEAD)) <= set(picked(model, "type:Linear"))
+def test_an_unfreeze_stage_adds_what_it_releases_to_the_optimizer(config):
+    config.freeze.frozen = [f"!{HEAD}"]
+    config.freeze.stages = [Stage(epoch=1, select=[first_child(build_model(config))], lr_mult=0.1)]
+    model = build_model(config)
+    optimizer = freeze.make_optimizer(model, config, freeze.param_groups(model, config, 0))
+    released = freeze.release_stage(model, optimizer, config, 0)
+    assert released and optimizer.param_groups[-1]["lr_mult"] == 0.1
+    named = dict(model.named_parameters())
+    assert {id(named[n]) for n in released} == {id(p) for p in optimizer.param_groups[-1]["params"]}
 
 
-def test_negation_reads_in_order(model):
-    params = [name for name, _ in model.named_parameters()]
-    everything_but_head = [p for p in params if p not in inside(model, HEAD)]
-    assert picked(model, "!" + HEAD) == everything_but_head, "a leading ! starts from every parameter"
-    first = everything_but_head[0]
-    assert picked(model, "!" + HEAD, "!" + first) == everything_but_head[1:]
-    assert picked(model, "!" + first, first) == params, "a later selector adds back"
+def test_a_stage_that_releases_nothing_is_refused_before_training(config):
+    config.freeze.frozen = [f"!{HEAD}"]
+    config.freeze.stages = [Stage(epoch=1, select=[HEAD])]
+    with pytest.raises(UserError, match=r"stages\[0\] releases nothing"):
+        freeze.param_groups(build_model(config), config, 1)
 
 
-@pytest.mark.parametrize(
-    ("selector", "message"),
-    [
-        ("ehad", r"matches no module or parameter; closest: head"),
-        ("idx:99", r"out of range; there are \d+ children of the model: 0="),
-        ("idx:nosuch/0", r"'nosuch' is not a module"),
-        ("idx:a..b", r"write N, a\.\.b"),
-        ("param_idx:100000", r"out of range; there are \d+ parameter tensors"),
-        ("type:Batchnorm2d", r"matches no module; closest: BatchNorm2d"),
-        ("re:(unclosed", r"not a valid regular expression"),
-        ("head.*.nothing", r"matches no module or parameter"),
-    ],
-)
-def test_a_selector_that_matches_nothing_is_an_error(model, selector, message):
-    with pytest.raises(FreezeSpecError, match=message):
-        freeze(model, [selector], {}, "freeze.keep_trainable")
-    assert all(p.requires_grad for p in model.parameters()), "an error leaves the model untouched"
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_frozen_tensors_are_bit_identical_after_training(config, tmp_path: Path, device: str):
+    config.freeze.frozen, config.freeze.bn_policy = [f"!{HEAD}"], "eval_frozen"
+    before = pretrained(tmp_path / "init.pt", config)
+    fit(config, tmp_path / "run", init=str(tmp_path / "init.pt"), device=device)
+    after = read_state_dict(tmp_path / "run" / "best.pt")
+    frozen = freeze.select(build_model(config), config.freeze.frozen, "test")
+    # Every tensor outside the head, BatchNorm statistics included, is the file's.
+    assert all(torch.equal(after[n], before[n]) for n in before if not n.startswith(HEAD + "."))
+    assert any(not torch.equal(after[n], before[n]) for n in before if n not in frozen)
 
 
-def test_a_spec_that_freezes_everything_is_refused(model):
-    with pytest.raises(FreezeSpecError, match="nothing would train"):
-        freeze(model, ["*"], {}, "test")
+@pytest.mark.parametrize("policy", ["eval_frozen", "eval_all", "replace_frozen"])
+def test_frozen_batchnorm_statistics_survive_model_train(policy):
+    model = tiny_bn_model()
+    config = load_config(overrides=["freeze.frozen=[0]", f'freeze.bn_policy="{policy}"'])
+    freeze.apply_freeze(model, config, 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    model(torch.randn(8, 3, 8, 8))
+    for name in ("0.1.running_mean", "0.1.running_var", "0.1.num_batches_tracked"):
+        assert torch.equal(model.state_dict()[name], before[name]), name
+    moved = not torch.equal(model.state_dict()["1.1.running_mean"], before["1.1.running_mean"])
+    assert moved == (policy != "eval_all")  # eval_all fixes the statistics of the trained part too
 
 
-def test_bad_spec_exits_nonzero_and_writes_no_run_folder(tmp_path, config, capsys):
-    typo = "ehad"
-    bad = replace(config, freeze=replace(config.freeze, keep_trainable=[typo]))
-    path = tmp_path / "bad.toml"
-    path.write_text(to_toml(bad))
-    out = tmp_path / "run"
-    assert main(["--config", str(path), "train", "--out", str(out)]) == 2
-    assert not out.exists()
-    assert f"error: freeze.keep_trainable: '{typo}' matches no module" in capsys.readouterr().err
+def test_replace_frozen_computes_what_a_batchnorm_in_eval_mode_computes():
+    model, reference = tiny_bn_model(), tiny_bn_model()
+    for bn in (model[0][1], reference[0][1]):
+        bn.running_mean.copy_(torch.linspace(-1, 1, 4))
+        bn.running_var.copy_(torch.linspace(0.5, 2, 4))
+    config = load_config(overrides=["freeze.frozen=[0]", 'freeze.bn_policy="replace_frozen"'])
+    freeze.apply_freeze(model, config, 0)
+    assert isinstance(model[0][1], freeze.FrozenBatchNorm)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(model[0](x), reference.eval()[0](x), atol=1e-6)
 
 
-def test_layers_spec_is_a_dry_run_with_counts(config_file, capsys, model):
-    head_size = sum(p.numel() for p in model.get_submodule(HEAD).parameters())
-    total = sum(p.numel() for p in model.parameters())
-    args = ["--config", str(config_file), "layers"]
-    assert main([*args, "--spec", "!head, idx:0", "--spec", r"re:\.bias$"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    rows = {line.split()[0]: line.split() for line in out[1:-1]}
-    assert rows["!head"][1:3] == [str(len(inside(model, HEAD))), f"{head_size:,}"]
-    assert rows[r"re:\.bias$"][1] == str(len([n for n, _ in model.named_parameters() if n.endswith(".bias")]))
-    assert out[-1].startswith("together:") and f"of {total:,} parameters" in out[-1]
-    assert main(["--config", str(config_file), "layers", "--spec", "idx:99"]) == 2
-    assert "out of range" in capsys.readouterr().err
+def test_bn_modes_name_a_part_and_override_the_policy():
+    model = tiny_bn_model()
+    modes = ['freeze.bn_policy="eval_frozen"', 'freeze.bn_modes={"1" = "eval"}']
+    config = load_config(overrides=["freeze.frozen=[0]", *modes])
+    freeze.apply_freeze(model, config, 0)
+    assert freeze.mode_of(model[0][1]) == "eval+frozen_affine" and freeze.mode_of(model[1][1]) == "eval"
+    assert model[1][1].weight.requires_grad and not model[0][1].weight.requires_grad
 
 
-def test_the_config_spec_is_read_as_selectors(config):
-    spec = freeze_spec(config)
-    assert spec == ["!head"], "keep_trainable names what trains"
+def test_a_released_stage_turns_replaced_batchnorm_back_into_batchnorm():
+    model = tiny_bn_model()
+    config = load_config(overrides=["freeze.frozen=[0]", 'freeze.bn_policy="replace_frozen"'])
+    config.freeze.stages = [Stage(epoch=1, select=[0])]
+    optimizer = freeze.make_optimizer(model, config, freeze.param_groups(model, config, 0))
+    freeze.release_stage(model, optimizer, config, 0)
+    assert type(model[0][1]) is torch.nn.BatchNorm2d and model[0][1].weight.requires_grad

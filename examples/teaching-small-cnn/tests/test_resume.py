@@ -1,195 +1,61 @@
-"""Resuming is exact, picks the newest checkpoint that is intact, and survives SIGKILL mid-save."""
+"""A resume is the run that was started: stopped mid-epoch and resumed, it ends where an unbroken run ends."""
 
 from __future__ import annotations
 
-import json
-import random
-import signal
-import subprocess
-import sys
-import textwrap
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import child_env, shrink, small_config
 
-from teaching_small_cnn.checkpoint import CheckpointError, RunFiles, torch_load
-from teaching_small_cnn.cli import main
-from teaching_small_cnn.rng import rng_state, set_rng_state
-from teaching_small_cnn.train import fit
-
-EPOCHS = 2
+from teaching_small_cnn import train
+from teaching_small_cnn.config import Stage
+from teaching_small_cnn.model import build_model
 
 
-def tiny_config() -> dict:
-    # Resuming is about state, not learning: four steps an epoch show it.
-    cfg = small_config()
-    cfg.train.batch_size = 16
-    shrink(cfg, 64, 32)
-    return cfg
+def staged(config):
+    """Three epochs, the first child released at epoch 1, frozen BatchNorm swapped out until then."""
+    first = next(n for n, c in build_model(config).named_children() if any(True for _ in c.parameters()))
+    config.train.epochs = 3
+    config.freeze.frozen, config.freeze.bn_policy = ["!head"], "replace_frozen"
+    config.freeze.stages = [Stage(epoch=1, select=[first], lr_mult=0.5)]
+    return config
 
 
-@pytest.fixture
-def config() -> dict:
-    return tiny_config()
+def test_a_run_stopped_mid_epoch_and_resumed_equals_one_that_never_stopped(config, tmp_path: Path, monkeypatch):
+    whole = train.fit(staged(config), tmp_path / "whole")
+
+    def stops_in_epoch_2(dataset, config, epoch):
+        for step, batch in enumerate(real_loader(dataset, config, epoch)):
+            if epoch == 2 and step == 1:
+                raise KeyboardInterrupt  # as Ctrl-C or a kill would, mid-epoch
+            yield batch
+
+    real_loader = train.train_loader
+    monkeypatch.setattr(train, "train_loader", stops_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(staged(config), tmp_path / "broken")
+    monkeypatch.setattr(train, "train_loader", real_loader)
+    assert train.main(["train", "--resume", str(tmp_path / "broken")]) == 0
+
+    a = torch.load(tmp_path / "whole" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "broken" / "last.ckpt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and b["history"] == whole
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert (tmp_path / "whole" / "metrics.csv").read_text() == (tmp_path / "broken" / "metrics.csv").read_text()
 
 
-def assert_same_weights(a, b) -> None:
-    assert a.keys() == b.keys()
-    for key, value in a.items():
-        assert torch.equal(value, b[key]), f"{key} differs"
+def test_resume_refuses_other_data_and_overwrite(config, tmp_path: Path, capsys):
+    train.fit(config, tmp_path / "run")
+    before = (tmp_path / "run" / "last.ckpt").read_bytes()
+    assert train.main(["train", "--resume", str(tmp_path / "run"), "--overwrite"]) == 2
+    assert train.main(["train", "--resume", str(tmp_path / "run"), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "takes no --overwrite" in err[0] and "the run trained on --data" in err[1]
+    assert (tmp_path / "run" / "last.ckpt").read_bytes() == before
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """Weights and optimizer state of an uninterrupted run."""
-    out = tmp_path_factory.mktemp("straight")
-    fit(tiny_config(), out, epochs=EPOCHS, device="cpu")
-    return torch_load(out / "last.ckpt")
-
-
-def test_resumed_run_equals_uninterrupted_run(tmp_path, config, straight):
-    out = tmp_path / "split"
-    fit(config, out, epochs=EPOCHS, stop_after=EPOCHS - 1, device="cpu")
-    history = fit(config, None, epochs=EPOCHS, resume=out, device="cpu")
-    assert [row["epoch"] for row in history] == list(range(EPOCHS))
-    split = torch_load(out / "last.ckpt")
-    assert_same_weights(straight["model"], split["model"])
-    for key, value in straight["optimizer"]["state"].items():
-        assert_same_weights(value, split["optimizer"]["state"][key])
-    assert straight["scheduler"] == split["scheduler"]
-    assert (out / "metrics.csv").read_text().count("\n") == EPOCHS + 1
-
-
-def test_every_rng_comes_back(config):
-    set_rng_state(state := rng_state())
-    draws = (random.random(), torch.rand(3), np.random.rand(3))
-    set_rng_state(state)
-    assert random.random() == draws[0]
-    assert torch.equal(torch.rand(3), draws[1])
-    assert (np.random.rand(3) == draws[2]).all()
-
-
-def test_resume_dir_skips_a_damaged_last_ckpt_and_says_why(tmp_path, config, capsys):
-    config.checkpoint.keep_last_k = 2
-    out = tmp_path / "run"
-    fit(config, out, epochs=EPOCHS + 1, stop_after=2, device="cpu")
-    assert {"epoch-0000.ckpt", "epoch-0001.ckpt", "last.ckpt"} <= set(RunFiles(out).files)
-    data = bytearray((out / "last.ckpt").read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (out / "last.ckpt").write_bytes(bytes(data))
-    capsys.readouterr()
-    history = fit(config, None, epochs=EPOCHS + 1, resume=out, stop_after=1, device="cpu")
-    printed = capsys.readouterr().out
-    assert "resume: skipped last.ckpt:" in printed and "does not match" in printed
-    assert "resumed from" in printed and "epoch-0001.ckpt after epoch 1" in printed
-    assert [row["epoch"] for row in history] == [0, 1, 2]
-
-
-def test_keep_last_k_keeps_the_newest_epoch_files(tmp_path, config):
-    config.checkpoint.keep_last_k = 2
-    out = tmp_path / "run"
-    fit(config, out, epochs=3, device="cpu")
-    epoch_files = sorted(p.name for p in out.glob("epoch-*.ckpt"))
-    assert epoch_files == ["epoch-0001.ckpt", "epoch-0002.ckpt"]
-    assert sorted(n for n in RunFiles(out).files if n.startswith("epoch-")) == epoch_files
-    assert not list(out.glob(".*.tmp")), "a temp file was left behind"
-
-
-def test_resuming_a_folder_without_checkpoints_is_a_clear_error(tmp_path, config):
-    with pytest.raises(CheckpointError, match="no checkpoints.json"):
-        fit(config, None, epochs=2, resume=tmp_path, device="cpu")
-
-
-# Runs the CLI and SIGKILLs itself at one step of a save of last.ckpt:
-#   record: the new file is complete in its temp file, checkpoints.json not yet updated
-#   rename: checkpoints.json records the new hash, the old last.ckpt is still in place
-#   finish: the new last.ckpt is in place, checkpoints.json still lists the old hash too
-KILLER = textwrap.dedent(
-    """
-    import os, signal, sys
-    from pathlib import Path
-
-    from teaching_small_cnn.cli import main
-
-    point, when = sys.argv[1], int(sys.argv[2])
-    real_replace = os.replace
-    saves, after_last = 0, False
-
-    def replace(src, dst):
-        global saves, after_last
-        dst = Path(dst)
-        step = None
-        if dst.name == "checkpoints.json" and any(dst.parent.glob(".last.ckpt.*.tmp")):
-            saves += 1
-            step = "record"
-        elif dst.name == "last.ckpt":
-            step = "rename"
-        elif dst.name == "checkpoints.json" and after_last:
-            step = "finish"
-        after_last = dst.name == "last.ckpt"
-        if step == point and saves == when:
-            os.kill(os.getpid(), signal.SIGKILL)
-        real_replace(src, dst)
-
-    os.replace = replace
-    sys.exit(main(sys.argv[3:]))
-    """
-)
-
-
-# Each step of the first save (at "rename" no last.ckpt exists yet), and the
-# last save, after which a resume has no epoch left to run.
-@pytest.mark.slow
-@pytest.mark.parametrize(("point", "when"), [("record", 1), ("rename", 1), ("finish", 1), ("record", EPOCHS)])
-def test_sigkill_mid_save_leaves_a_resumable_run(tmp_path, config, config_file, straight, point, when):
-    out = tmp_path / "run"
-    killer = tmp_path / "killer.py"
-    killer.write_text(KILLER)
-    args = ["--config", str(config_file), "train", "--out", str(out), "--epochs", str(EPOCHS), "--device", "cpu"]
-    command = [sys.executable, str(killer), point, str(when), *args]
-    done = subprocess.run(command, capture_output=True, text=True, env=child_env())
-    assert done.returncode == -signal.SIGKILL, done.stdout + done.stderr
-    if (out / "last.ckpt").exists():
-        torch_load(out / "last.ckpt")  # whatever is there is a whole file
-    entries = json.loads((out / "checkpoints.json").read_text())["files"]
-    assert entries, "nothing was recorded before the kill"
-    resume = ["--config", str(config_file), "train", "--resume", str(out), "--epochs", str(EPOCHS), "--device", "cpu"]
-    assert main(resume) == 0
-    assert_same_weights(straight["model"], torch_load(out / "last.ckpt")["model"])
-
-
-@pytest.mark.parametrize("damage", ["freeze_manifest", "model", "history", "rng", "scheduler", "epoch", "shapes"])
-def test_a_full_checkpoint_missing_a_part_is_one_line(tmp_path, capsys, damage):
-    out = tmp_path / "run"
-    fit(tiny_config(), out, epochs=2, stop_after=1, device="cpu")
-    checkpoint = torch.load(out / "last.ckpt", weights_only=True)
-    if damage == "epoch":
-        checkpoint["epoch"] = "zero"
-    elif damage == "shapes":
-        model = checkpoint["model"]
-        checkpoint["model"] = {key: value[..., :1] if value.dim() else value for key, value in model.items()}
-    else:
-        del checkpoint[damage]
-    torch.save(checkpoint, tmp_path / "damaged.ckpt")
-    capsys.readouterr()
-    assert main(["train", "--resume", str(tmp_path / "damaged.ckpt"), "--out", str(tmp_path / "again")]) == 2
-    err = capsys.readouterr().err
-    assert "damaged.ckpt" in err and err.count("\n") == 1, err
-
-
-@pytest.mark.parametrize("epoch", [None, "zero", "missing"])
-def test_a_checkpoints_json_entry_without_a_whole_epoch_is_one_line(tmp_path, capsys, epoch):
-    out = tmp_path / "run"
-    fit(tiny_config(), out, epochs=2, stop_after=1, device="cpu")
-    manifest = json.loads((out / "checkpoints.json").read_text())
-    if epoch == "missing":
-        del manifest["files"]["last.ckpt"]["epoch"]
-    else:
-        manifest["files"]["last.ckpt"]["epoch"] = epoch
-    (out / "checkpoints.json").write_text(json.dumps(manifest))
-    capsys.readouterr()
-    assert main(["train", "--resume", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "checkpoints.json is damaged" in err and err.count("\n") == 1, err
+def test_resume_refuses_a_file_that_is_not_a_full_checkpoint(tmp_path: Path, capsys):
+    (tmp_path / "run").mkdir()
+    torch.save({"epoch": "zero"}, tmp_path / "run" / "last.ckpt")
+    assert train.main(["train", "--resume", str(tmp_path / "run")]) == 2
+    assert "is not a full checkpoint of this project" in capsys.readouterr().err

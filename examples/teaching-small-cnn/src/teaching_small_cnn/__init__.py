@@ -1,1 +1,1 @@
-"""teaching-small-cnn: fine-tune small_cnn with a frozen part that stays frozen."""
+"""teaching-small-cnn: fine-tune small_cnn with a frozen part that stays frozen (teaching edition)."""

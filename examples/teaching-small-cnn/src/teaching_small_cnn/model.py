@@ -1,4 +1,4 @@
-"""The network: small_cnn with a new 10-class head at `head`."""
+"""The network: small_cnn, whose `head` gives 10-class logits."""
 
 from __future__ import annotations
 
@@ -6,19 +6,9 @@ from torch import Tensor, nn
 
 from .config import Config
 
-HEAD = "head"
-# ImageNet statistics: images are normalised with them (and resized to
-# image_size via a 256/224 larger resize, then a centre crop).
-IMAGE_PREPROCESSING = {
-    "mean": (0.485, 0.456, 0.406),
-    "std": (0.229, 0.224, 0.225),
-    "interpolation": "bilinear",
-    "crop_fraction": 224 / 256,
-}
-
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
-    # The conv has no bias: the BatchNorm right after it supplies the shift.
+    # No conv bias: the BatchNorm right after it supplies the shift.
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
         nn.BatchNorm2d(out_channels),
@@ -27,7 +17,7 @@ def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class SmallCNN(nn.Module):
-    """Five top-level children, so freezing by name or index reads naturally."""
+    """Five top-level children, so freezing by name or by index reads naturally."""
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
@@ -43,7 +33,3 @@ class SmallCNN(nn.Module):
 
 def build_model(config: Config) -> nn.Module:
     return SmallCNN(config.model.num_classes)
-
-
-def preprocessing() -> dict:
-    return IMAGE_PREPROCESSING

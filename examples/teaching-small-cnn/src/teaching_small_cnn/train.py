@@ -1,297 +1,259 @@
-"""Training: fit() is set up the run, then one epoch and a save, epoch after epoch.
+"""Fine-tune small_cnn: the training step, the run, what it saves, and the commands.
 
-Read top to bottom: train_one_epoch and evaluate, fit, then the steps of an
-epoch: begin_stages (unfreeze), run_epoch, record. run.py sets the run up
-(prepare_model builds, loads --init, freezes and sets the BatchNorm modes),
-saving.py writes what each epoch leaves, and optim.py holds the param
-groups and the schedule.
+Read it top to bottom: `train_one_epoch` is the step, `fit` is a run (build,
+load, freeze, loop, save), `main` is the command line. What trains is
+decided in freeze.py, the files are written by checkpoint.py.
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import csv
+import io
+import json
+import math
+import random
 import sys
-import time
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import torch
+import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
+from torch.utils.data import DataLoader, Dataset
 
-from .config import Config, Stage
-from .freeze import manifest, unfreeze_stage
-from .optim import add_groups, param_groups
-from .run import Asked, Run, open_run, start_run
-from .saving import DivergedError, find_best, read_weights, save, write_json, write_metrics
+from . import checkpoint, freeze
+from .config import Config, UserError, load_config
+from .data import DEFAULT_DATA, datasets
+from .model import build_model
 
-# How often a step reads back whether the loss stayed finite.
-CHECK_EVERY = 16
-
-
-class Stopped(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM: every save either finished or left the previous file; its text says how to go on."""
+# The files a run folder holds; --overwrite removes these names and nothing else.
+RUN_FILES = ("best.pt", "best.safetensors", "last.ckpt", "metrics.csv", "config.toml", "freeze_manifest.json")
 
 
-def show_progress() -> bool:
-    """Bars are for a person at a terminal; logs and CI get one line per epoch."""
-    return sys.stderr.isatty() and not os.environ.get("CI")
-
-
-def train_one_epoch(
-    model: nn.Module,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    desc: str | None = None,
-) -> tuple[float, int, int]:
-    """One pass over `loader`: summed loss, correct predictions and samples.
-    `desc` turns on a progress bar with the running loss, accuracy and images/s.
-    """
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: str) -> float:
+    """One pass over the training data; returns the mean loss."""
+    # Fixed BatchNorm layers stay in eval mode here: freeze.py made their train() a no-op.
     model.train()
-    # Summed on the device: reading a number every step would wait for the GPU.
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    # The first step whose loss is not finite, kept on the device and read
-    # every CHECK_EVERY steps: no wait for the GPU at every step.
-    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-    count = 0
-    bar = tqdm(loader, desc=desc, disable=desc is None, leave=False, unit="batch", dynamic_ncols=True)
-    started = time.perf_counter()
-    for step, (inputs, labels) in enumerate(bar, 1):
-        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        logits = model(inputs)
-        loss = nn.functional.cross_entropy(logits, labels)
+    total, seen = 0.0, 0
+    for step, (inputs, labels) in enumerate(loader):
+        inputs, labels = inputs.to(device), labels.to(device)
+        loss = F.cross_entropy(model(inputs), labels)
+        if not torch.isfinite(loss):
+            raise UserError(f"the loss is {loss.item()} at step {step}; this epoch is not saved; lower train.lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach() * len(labels)
-        correct += (logits.argmax(1) == labels).sum()
-        count += len(labels)
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-        if step % CHECK_EVERY == 0:
-            stop_if_diverged(first_bad)
-        if not bar.disable:
-            bar.set_postfix(
-                loss=f"{loss_sum.item() / count:.4f}",
-                acc=f"{correct.item() / count:.3f}",
-                img_s=f"{count / (time.perf_counter() - started):.0f}",
-                # Drawn at tqdm's interval, and at the last step: a fast epoch
-                # would otherwise end before its numbers were ever shown.
-                refresh=step == bar.total,
-            )
-    stop_if_diverged(first_bad)
-    return loss_sum.item(), int(correct.item()), count
-
-
-def stop_if_diverged(first_bad: torch.Tensor) -> None:
-    step = int(first_bad.item())
-    if step >= 0:
-        raise DivergedError(f"step {step}: the loss is not finite; lower train.lr")
+        total, seen = total + loss.item() * len(labels), seen + len(labels)
+    return total / seen
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    device: torch.device,
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over `loader`."""
+def evaluate(model: nn.Module, loader: DataLoader, device: str) -> tuple[float, float]:
+    """(mean loss, accuracy) on the validation data."""
     model.eval()
-    loss, correct, count = 0.0, 0, 0
+    total, correct, seen = 0.0, 0, 0
     for inputs, labels in loader:
         inputs, labels = inputs.to(device), labels.to(device)
         logits = model(inputs)
-        loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        total += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(1) == labels).sum().item()
-        count += len(labels)
-    return loss / count, correct / count
+        seen += len(labels)
+    return total / seen, correct / seen
 
 
-def fit(
-    config: Config | None,
-    out: str | Path | None,
-    *,
-    data: str | None = None,
-    epochs: int | None = None,
-    init: str | Path | None = None,
-    resume: str | Path | None = None,
-    overrides: Sequence[str] = (),
-    stop_after: int | None = None,
-    device: str | None = None,
-    freeze_from: str | Path | None = None,
-    overwrite: bool = False,
-) -> list[dict[str, float]]:
-    """Train and write the run folder; return one metrics row per epoch.
+def learning_rate(config: Config, epoch: int) -> float:
+    """A cosine from train.lr down to a tenth of it at the last epoch.
 
-    `stop_after` ends this invocation after that many epochs, leaving the
-    schedule planned for `epochs`: resume later with --resume.
-    `resume` is a full checkpoint or a run folder (its newest checkpoint that
-    matches checkpoints.json); `out` then defaults to that checkpoint's folder.
-    A resume trains on with the config saved in the checkpoint; `config`, if
-    given, may differ from it only in keys that cannot change the result,
-    and so may `overrides` ("section.key=value", laid over the saved config).
-    `data` is "synthetic" or an image folder; by default a resumed run's own, else "synthetic".
-    `freeze_from` is a freeze_manifest.json whose freeze state replaces the
-    config's spec. `overwrite` deletes the run a folder holds and starts over.
+    A function of the epoch, written into every param group each epoch: a
+    group added by an unfreeze stage follows it at once, and a resume needs
+    no scheduler state.
     """
-    asked = Asked(out, data, epochs, init, resume, overrides, device, freeze_from, overwrite)
-    run = start_run(config, asked)
-    finished = False
+    progress = epoch / max(config.train.epochs - 1, 1)
+    return config.train.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_loader(dataset: Dataset, config: Config, epoch: int) -> DataLoader:
+    # The shuffle order is a function of the seed and the epoch, so a resumed run sees the same batches.
+    order = torch.Generator().manual_seed(config.train.seed * 1000 + epoch)
+    return DataLoader(dataset, batch_size=config.train.batch_size, shuffle=True, generator=order)
+
+
+def fit(config: Config, out: Path, data: str = DEFAULT_DATA, init: str | None = None, device: str = "cpu",
+        resume: dict[str, Any] | None = None) -> list[dict[str, float]]:
+    """Train from epoch 0, or from where `resume` (a last.ckpt) stopped; return the metrics of each epoch."""
+    random.seed(config.train.seed)
+    torch.manual_seed(config.train.seed)  # the CPU generator and every CUDA device's
+    train_set, val_set, classes = datasets(data, config)
+    # What trained this run is recorded with it; a resume on other data is refused.
+    record = {"data": data, "classes": classes, "sizes": [len(train_set), len(val_set)]}
+    if resume and any(resume[key] != value for key, value in record.items()):
+        raise UserError(f"--data {data} is not the data this run trained on (its classes or sizes differ)")
+    model = build_model(config)
+    if init:
+        report = checkpoint.load_matching(
+            model, checkpoint.read_state_dict(init), config.init.min_loaded_fraction, config.init.first_n
+        )
+        print(f"--init {init}: {checkpoint.summary(report)}")
+    start = resume["epoch"] + 1 if resume else 0
+    # Every stage is resolved now, so a typo fails before epoch 0, not at its epoch.
+    freeze.param_groups(model, config, len(config.freeze.stages))
+    groups = freeze.param_groups(model, config, freeze.stages_before(config, start))
+    model.to(device)
+    optimizer = freeze.make_optimizer(model, config, groups)
+    history: list[dict[str, float]] = []
+    best = -1.0
+    if resume:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        history, best = resume["history"], resume["best"]
+        set_rng_state(resume["rng"])
+    val_loader = DataLoader(val_set, batch_size=config.train.batch_size)
+    for epoch in range(start, config.train.epochs):
+        for k, stage in enumerate(config.freeze.stages):
+            if stage.epoch == epoch:
+                released = freeze.release_stage(model, optimizer, config, k)
+                print(f"epoch {epoch}: stage {k} releases {len(released)} tensors at lr x {stage.lr_mult}")
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, epoch) * group["lr_mult"]
+        train_loss = train_one_epoch(model, train_loader(train_set, config, epoch), optimizer, device)
+        val_loss, val_acc = evaluate(model, val_loader, device)
+        history.append({"epoch": epoch, "lr": learning_rate(config, epoch), "train_loss": train_loss,
+                        "val_loss": val_loss, "val_acc": val_acc})
+        improved = val_acc > best
+        best = max(best, val_acc)
+        state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "rng": rng_state(), "config": config.to_dict(), "history": history, "best": best, **record}
+        save_epoch(out, model, state, improved)
+        print(f"epoch {epoch}: train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  val_acc {val_acc:.3f}"
+              f"{'  (best, saved)' if improved else ''}  {freeze.freeze_summary(model)}")
+    return history
+
+
+def save_epoch(out: Path, model: nn.Module, state: dict[str, Any], improved: bool) -> None:
+    """What an epoch leaves in the run folder, each file replaced whole."""
+    out.mkdir(parents=True, exist_ok=True)  # made at the first save: a run that fails before leaves nothing
+    checkpoint.atomic_write(out / "config.toml", tomli_w.dumps(state["config"]).encode())
+    manifest = freeze.freeze_record(model, state["epoch"])
+    checkpoint.atomic_write(out / "freeze_manifest.json", json.dumps(manifest, indent=1).encode())
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(state["history"][0]))
+    writer.writeheader()
+    writer.writerows(state["history"])
+    checkpoint.atomic_write(out / "metrics.csv", table.getvalue().encode())
+    if improved:
+        checkpoint.save_weights(out / "best.pt", model)
+        checkpoint.save_safetensors(out / "best.safetensors", model)
+    # Written last: a run stopped before this point resumes from the epoch before.
+    checkpoint.atomic_write(out / "last.ckpt", checkpoint.torch_bytes(state))
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator a step draws from (dropout, augmentation), so a resume continues them exactly."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# The command line
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse a run folder that holds a run, unless --overwrite: then remove only our files in it."""
+    if out.is_symlink() or out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a link or a file; name a new folder")
+    held = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+    if held and not overwrite:
+        raise UserError(f"--out {out} already holds a run ({', '.join(held)}); --overwrite starts it again")
+    for name in held:
+        (out / name).unlink()  # a link is removed itself, never what it points to
+
+
+def pick_device(name: str | None) -> str:
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not (name.startswith("cuda") and torch.cuda.is_available()):
+        raise UserError(f"--device {name}: allowed here: cpu{', cuda' if torch.cuda.is_available() else ''}")
+    return name
+
+
+def cmd_train(args: argparse.Namespace, config: Config) -> None:
+    out = Path(args.out)
+    device = pick_device(args.device)
+    check_out(out, args.overwrite)
+    fit(config, out, args.data or DEFAULT_DATA, args.init, device)
+    print(f"the run is in {out}; {sys.argv[0].rpartition('/')[2]} layers shows what it froze")
+
+
+def cmd_resume(args: argparse.Namespace) -> None:
+    """Continue the run in RUN from its last.ckpt, with its own config and data."""
+    from .config import config_from_dict
+
+    if args.overwrite or args.init or args.config or args.set:
+        raise UserError("--resume continues a run as it started: it takes no --overwrite, --init, --config or --set")
+    out = Path(args.resume)
+    state = checkpoint.load_full(out / "last.ckpt")
+    if args.data and args.data != state["data"]:
+        raise UserError(f"--resume {out}: the run trained on --data {state['data']}, not {args.data}")
+    if args.epochs is not None:
+        state["config"]["train"]["epochs"] = args.epochs
+    config = config_from_dict(state["config"])  # checked again, with the new epochs
+    fit(config, out, state["data"], None, pick_device(args.device), resume=state)
+
+
+def cmd_layers(args: argparse.Namespace, config: Config) -> None:
+    model = build_model(config)
+    freeze.param_groups(model, config, freeze.stages_before(config, args.epoch))
+    print(freeze.layers_table(model))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="teaching_small_cnn", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="a TOML file of settings (config.py lists every key)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="one setting: train.lr=0.003")
+    commands = p.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a model; writes a run folder")
+    train.add_argument("--out", help="the run folder to write (required unless --resume)")
+    train.add_argument("--data", help=f"{DEFAULT_DATA} (the default) or a folder with train/ and val/")
+    train.add_argument("--epochs", type=int, help="train.epochs for this run")
+    train.add_argument("--init", help="start from these weights (.pt or .safetensors); prints what loaded")
+    train.add_argument("--overwrite", action="store_true", help="start again in a folder that holds a run")
+    train.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
+    train.add_argument("--resume", metavar="RUN", help="continue RUN from its last.ckpt")
+    layers = commands.add_parser("layers", help="every parameter, and whether it trains")
+    layers.add_argument("--epoch", type=int, default=0, help="the freeze state when this epoch starts")
+    commands.add_parser("traps", help="each blog habit beside this project's code, with the numbers")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
-        open_run(run, asked)
-        for ran, epoch in enumerate(range(run.first, run.epochs), 1):
-            begin_stages(run, epoch)
-            try:
-                row = run_epoch(run, epoch)
-            except DivergedError as err:
-                raise DivergedError(f"epoch {epoch}, {err}") from None
-            run.integrity.check(run.model, run.optimizer, f"epoch {epoch}")
-            record(run, row)
-            save(run, row)
-            if stop_after is not None and ran >= stop_after:
-                break
-        finished = True
+        if args.command == "train" and args.resume:
+            cmd_resume(args)
+            return 0
+        epochs = [f"train.epochs={args.epochs}"] if getattr(args, "epochs", None) is not None else []
+        config = load_config(args.config, args.set + epochs)
+        if args.command == "train" and not args.out:
+            raise UserError("train needs --out RUN (a new folder), or --resume RUN")
+        if args.command == "traps":
+            from .traps import print_traps
+
+            print_traps(config, fit)
+            return 0
+        (cmd_train if args.command == "train" else cmd_layers)(args, config)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        raise Stopped(stopped_line(run)) from None
-    finally:
-        end_run(run, finished)
-    return run.history
+        print("stopped; the run folder holds the last finished epoch", file=sys.stderr)
+        return 130
+    return 0
 
 
-def end_run(run: Run, finished: bool) -> None:
-    """release the folder's lock, whatever stopped the run."""
-    if run.lock is not None:
-        # A run that saved nothing leaves the folder as it found it: a plain retry works.
-        run.lock.close(keep=run.saved is not None)
-
-
-def stopped_line(run: Run) -> str:
-    if run.saved is None:
-        return f"stopped before the first epoch was saved; {run.out} is left as it was, so the same command starts over"
-    last = run.saved
-    return f"stopped after epoch {last}, whose files are intact; continue with --resume {run.out}"
-
-
-def begin_stages(run: Run, epoch: int) -> None:
-    """Start every unfreeze stage due at `epoch`: release its part, in new param groups on the schedule."""
-    while (why := stage_due(run, epoch)) is not None:
-        stage = run.stages[run.state.stages_done]
-        if stage.restore_best:
-            why += restore_best(run)
-        names = unfreeze_stage(run.model, run.state, stage, run.config.freeze.bn_modes, epoch)
-        label = f"stage{run.state.stages_done}"
-        new = param_groups(run.model, run.config, names, label, stage.lr_mult, epoch, stage.warmup_epochs)
-        add_groups(run.model, run.optimizer, run.scheduler, new, run.config, run.epochs)
-        run.groups = run.groups + new
-        run.integrity.take(run.model)  # the fixed set is smaller now
-        write_json(run.out / "freeze_manifest.json", manifest(run.model, run.state, run.groups))
-        print(stage_line(run.model, epoch, stage, names, new) + why)
-
-
-def stage_due(run: Run, epoch: int) -> str | None:
-    """Whether the next stage starts at `epoch` (None: not yet), and why when its patience decided.
-
-    A stage with patience starts once the monitored metric has not improved
-    for that many epochs, counted from the start of the stage before it; at
-    its epoch it starts anyway.
-    """
-    if run.state.stages_done == len(run.stages):
-        return None
-    stage = run.stages[run.state.stages_done]
-    if stage.patience is None:
-        return "" if stage.epoch <= epoch else None
-    monitor, stalled = epochs_stalled(run)
-    if stalled >= stage.patience:
-        return f" ({monitor} has not improved for {stalled} epochs)"
-    return f" (its epoch; {monitor} stalled {stalled} of {stage.patience} epochs)" if stage.epoch <= epoch else None
-
-
-def epochs_stalled(run: Run) -> tuple[str, int]:
-    """The monitored metric, and the epochs since it last improved or the last stage started, whichever is later."""
-    monitor, best = best_epoch(run)
-    if best is None:
-        return monitor, 0
-    since = run.state.stage_epochs[-1] if run.state.stage_epochs else 0
-    return monitor, run.history[-1]["epoch"] - max(best, since - 1)
-
-
-def best_epoch(run: Run) -> tuple[str, int | None]:
-    """The monitored metric, and the first epoch that reached its best value so far (as save() counts one)."""
-    monitor, mode = run.config.checkpoint.monitor, run.config.checkpoint.mode
-    values = [row[monitor] for row in run.history]
-    if not values:
-        return monitor, None
-    return monitor, run.history[values.index(min(values) if mode == "min" else max(values))]["epoch"]
-
-
-def restore_best(run: Run) -> str:
-    """Put the best weights so far back, as a stage with restore_best asks; the optimizer state carries on.
-
-    Every weight returns to its best epoch's value, a part an earlier stage
-    released since included (its optimizer state stays as trained).
-    """
-    _, epoch = best_epoch(run)
-    # A resume into another folder finds the best weights in the one it came from.
-    folders = [run.out] + ([run.resumed_from.parent] if run.resumed_from is not None else [])
-    where = f"unfreeze.stages[{run.state.stages_done}].restore_best"
-    path = find_best(folders, epoch, where)
-    run.model.load_state_dict(read_weights(path))
-    return f"; restored the best weights, of epoch {epoch} ({path.name})"
-
-
-def stage_line(model: nn.Module, epoch: int, stage: Stage, names: list[str], groups: list[dict[str, Any]]) -> str:
-    """The one line an unfreeze stage prints: what it selected and what changed."""
-    picked = ", ".join(map(str, stage.select))
-    if not names:
-        return f"epoch {epoch}: unfreeze stage {picked}: already trainable, nothing changes"
-    released = set(names)
-    size = sum(p.numel() for name, p in model.named_parameters() if name in released)
-    warmup = f", {stage.warmup_epochs} warmup epochs" if stage.warmup_epochs else ""
-    return (
-        f"epoch {epoch}: unfreeze stage {picked}: {len(names)} tensors ({size:,} parameters) now train "
-        f"in param groups {', '.join(repr(g['name']) for g in groups)} at lr x {stage.lr_mult:g}{warmup}"
-    )
-
-
-def run_epoch(run: Run, epoch: int) -> dict[str, float]:
-    """Train one epoch and evaluate; the metrics row of metrics.csv."""
-    run.shuffle.manual_seed(run.config.train.seed + epoch)
-    started = time.perf_counter()
-    lr = run.optimizer.param_groups[0]["lr"]
-    desc = f"epoch {epoch}" if show_progress() else None
-    loader = run.train_loader
-    sums = train_one_epoch(run.net, loader, run.optimizer, run.device, desc)
-    loss_sum, correct, count = sums
-    val_loss, val_acc = validate(run)
-    run.scheduler.step()
-    seconds = time.perf_counter() - started
-    row = {
-        "epoch": epoch,
-        "train_loss": loss_sum / count,
-        "val_loss": val_loss,
-        "val_acc": val_acc,
-        "lr": lr,
-        "seconds": seconds,
-        "train_acc": correct / count,
-        "images_per_s": count / seconds,
-        "trainable_params": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
-    }
-    return row
-
-
-def validate(run: Run) -> tuple[float, float]:
-    """Mean loss and accuracy on the val set."""
-    return evaluate(run.model, run.val_loader, run.device)
-
-
-def record(run: Run, row: dict[str, float]) -> None:
-    """The row joins the history: metrics.csv and one printed line."""
-    run.history.append(row)
-    write_metrics(run.out / "metrics.csv", run.history)
-    print(
-        f"epoch {row['epoch']}: train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.3f} "
-        f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.3f} lr {row['lr']:.2e} "
-        f"({row['seconds']:.1f}s, {row['images_per_s']:.0f} img/s)"
-    )
+if __name__ == "__main__":
+    sys.exit(main())
