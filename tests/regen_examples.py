@@ -15,6 +15,8 @@ EXAMPLES = {
         "profile": "teaching",
         "checkpoint_formats": ["state_dict", "safetensors", "full"],
     },
+    # Its student's copy: five lessons left as graded exercises.
+    "classroom-small-cnn": {"project_name": "classroom-small-cnn", "profile": "teaching", "exercises": True},
     "linear-probe-small-cnn": {"project_name": "linear-probe-small-cnn"},
     "staged-small-cnn": {
         "project_name": "staged-small-cnn",

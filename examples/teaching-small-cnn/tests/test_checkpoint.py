@@ -17,6 +17,7 @@ from teaching_small_cnn.model import build_model
 HEAD = "head"
 
 
+@pytest.mark.exercise4
 def test_init_strips_a_module_prefix_and_reports_a_wrong_shape(config, tmp_path: Path):
     state = pretrained(tmp_path / "init.pt", config)
     wrapped = {f"module.{k}": v for k, v in state.items()}
@@ -24,12 +25,12 @@ def test_init_strips_a_module_prefix_and_reports_a_wrong_shape(config, tmp_path:
     wrapped[head] = torch.zeros(wrapped[head].shape[0] + 1, *wrapped[head].shape[1:])
     model = build_model(config)
     report = checkpoint.load_matching(model, wrapped, min_fraction=0.5)
-    shapes = tuple(wrapped[head].shape), tuple(state[f"{HEAD}.weight"].shape)
-    assert report["wrong shape"] == [f"{HEAD}.weight {shapes[0]} != {shapes[1]}"]
-    assert len(report["loaded"]) == len(state) - 1
-    assert all(torch.equal(model.state_dict()[k], state[k]) for k in report["loaded"])
+    assert len(report["loaded"]) == len(state) - 1, "strip the module. prefix: every tensor but the head must load"
+    assert [entry.split()[0] for entry in report["wrong shape"]] == [f"{HEAD}.weight"], report["wrong shape"]
+    assert all(torch.equal(model.state_dict()[k], state[k]) for k in report["loaded"]), "copy what the report loaded"
 
 
+@pytest.mark.exercise4
 def test_init_first_n_loads_only_the_first_tensors_in_model_order(config, tmp_path: Path):
     state = pretrained(tmp_path / "init.pt", config)
     model = build_model(config)
@@ -37,16 +38,18 @@ def test_init_first_n_loads_only_the_first_tensors_in_model_order(config, tmp_pa
     assert report["loaded"] == list(model.state_dict())[:2]
 
 
+@pytest.mark.exercise4
 def test_init_below_the_threshold_is_refused_before_the_model_changes(config, tmp_path: Path):
     state = pretrained(tmp_path / "init.pt", config)
     model = build_model(config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     few = dict(list(state.items())[:1])
-    with pytest.raises(UserError, match="under init.min_loaded_fraction = 0.5"):
+    with pytest.raises(UserError):  # one tensor of many is not the pretrained model
         checkpoint.load_matching(model, few, min_fraction=0.5)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "refuse before changing the model"
 
 
+@pytest.mark.exercise4
 def test_integer_tensors_are_not_loaded_into_float_weights(config, tmp_path: Path):
     state = pretrained(tmp_path / "init.pt", config)
     state = {k: v.long() if v.is_floating_point() else v for k, v in state.items()}

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import csv
+import io
+import random
 from pathlib import Path
 
 import pytest
+import torch
 
+from teaching_small_cnn import train
+from teaching_small_cnn.checkpoint import torch_bytes
 from teaching_small_cnn.config import UserError, config_from_dict, load_config
 from teaching_small_cnn.train import fit, main
 
@@ -63,3 +68,34 @@ def test_layers_prints_every_parameter_and_what_trains(capsys):
     assert main(["layers"]) == 0
     out = capsys.readouterr().out
     assert "top-level children (for index selectors): 0=" in out and "parameters train" in out
+
+
+def dropout_model(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2))
+    return model, torch.optim.AdamW(model.parameters(), lr=0.01)
+
+
+def steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, n: int) -> None:
+    model.train()
+    for _ in range(n):  # the batches and the dropout masks both come from the RNGs
+        loss = model(torch.randn(16, 4)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.mark.exercise5
+def test_restore_puts_back_the_optimizer_and_every_rng_so_training_continues_exactly():
+    model, optimizer = dropout_model(0)
+    steps(model, optimizer, 3)
+    state = {"epoch": 0, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": train.rng_state(),
+             "history": [{"epoch": 0, "val_acc": 0.5}], "best": 0.5}
+    saved = torch.load(io.BytesIO(torch_bytes(state)), weights_only=True)  # as last.ckpt holds it
+    steps(model, optimizer, 3)
+    resumed, resumed_optimizer = dropout_model(1)  # a new process: other weights, other RNG states
+    random.seed(1)
+    assert train.restore(saved, resumed, resumed_optimizer) == ([{"epoch": 0, "val_acc": 0.5}], 0.5)
+    steps(resumed, resumed_optimizer, 3)
+    gap = max((a - b).abs().max().item() for a, b in zip(model.parameters(), resumed.parameters(), strict=True))
+    assert gap == 0, f"the resumed run is {gap:.3g} away from the unbroken one: put back the optimizer and every RNG"

@@ -83,7 +83,7 @@ def torch_load(path: Path) -> Any:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors or a torch file; a {"model": ...} or {"state_dict": ...} wrapper is opened."""
+    """Tensors from a .safetensors or a torch file, opened out of a {"model": ...} (or state_dict...) wrapper."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--init {path}: no such file")
@@ -93,7 +93,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as err:
             raise UserError(f"--init {path}: not a readable safetensors file ({err})") from None
     data = torch_load(path)
-    for key in ("model", "state_dict"):
+    for key in ("model", "state_dict", "model_state", "module"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
@@ -114,8 +114,8 @@ def load_matching(
     own = model.state_dict()
     renamed = {}
     for key, tensor in source.items():
-        for prefix in PREFIXES:
-            key = key.removeprefix(prefix)
+        while key.startswith(PREFIXES):  # in any order and number: torch.compile of a DDP model has both
+            key = key.partition(".")[2]
         renamed[key] = tensor
     report: dict[str, list[str]] = {"loaded": [], "wrong shape": [], "wrong dtype": [], "missing": [], "unused": []}
     for name, tensor in own.items():

@@ -40,14 +40,14 @@ def select(model: nn.Module, selectors: list[str | int], where: str) -> set[str]
     chosen = set(params) if selectors and negated[0] else set()
     for selector, negate in zip(selectors, negated, strict=True):
         body = selector[1:] if negate else selector
-        picked = match(model, body, where)
+        by_index = isinstance(body, int) or body.startswith("idx:")
+        picked = match_children(model, str(body).removeprefix("idx:"), where) if by_index else match(model, body, where)
         chosen = chosen - picked if negate else chosen | picked
     return chosen
 
 
-def match(model: nn.Module, selector: str | int, where: str) -> set[str]:
-    if isinstance(selector, int) or selector.startswith("idx:"):
-        return match_children(model, str(selector).removeprefix("idx:"), where)
+def match(model: nn.Module, selector: str, where: str) -> set[str]:
+    """The parameters one name, glob or regex picks; nothing picked is refused with the closest names."""
     if selector.startswith("re:"):
         try:
             pattern = re.compile(selector[3:])

@@ -105,10 +105,7 @@ def fit(config: Config, out: Path, data: str = DEFAULT_DATA, init: str | None = 
     history: list[dict[str, float]] = []
     best = -1.0
     if resume:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        history, best = resume["history"], resume["best"]
-        set_rng_state(resume["rng"])
+        history, best = restore(resume, model, optimizer)
     val_loader = DataLoader(val_set, batch_size=config.train.batch_size)
     for epoch in range(start, config.train.epochs):
         for k, stage in enumerate(config.freeze.stages):
@@ -155,11 +152,15 @@ def rng_state() -> dict[str, Any]:
     return {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda}
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list, float]:
+    """Put back what the next step depends on: the weights, the optimizer's moments, every RNG."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    random.setstate(state["rng"]["python"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["history"], state["best"]
 
 
 # The command line

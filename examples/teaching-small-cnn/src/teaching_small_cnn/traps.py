@@ -186,7 +186,7 @@ def print_traps(config: Config, fit: Callable) -> None:
             with contextlib.redirect_stdout(io.StringIO()):  # the runs' own epoch lines
                 rows.append(trap(config, loader, fit) if trap is trap_resume else trap(config, loader))
         except NotImplementedError as err:
-            rows.append((trap.__name__, f"not written yet: {err}", "-", "-", False))
+            rows.append((trap.__name__[5:].replace("_", " "), f"waits for {err}", "-", "-", False))
     print(f"{'trap':<14} {'measured':<48} {'the habit':>12} {'this project':>14}")
     for name, measure, habit, ours, shown in rows:
         cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in (habit, ours)]
