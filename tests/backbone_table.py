@@ -1,8 +1,8 @@
-"""The README's backbone table, computed from fresh renders: `python -m tests.backbone_table`.
+"""docs/backbones.md's backbone table, computed from fresh renders: `python -m tests.backbone_table`.
 
 Each backbone is rendered with freeze_by=name (num_classes 10) and its model
 built on the meta device, so the counts are the generated code's own. A test
-checks that README.md holds exactly this table.
+checks that docs/backbones.md holds exactly this table.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def readme_table(text: str) -> str:
 
 
 if __name__ == "__main__":
-    readme = ROOT / "README.md"
+    readme = ROOT / "docs" / "backbones.md"
     before, rest = readme.read_text().split(BEGIN, 1)
     fresh = table()
     readme.write_text(f"{before}{BEGIN}\n{fresh}\n{END}{rest.split(END, 1)[1]}")

@@ -1,10 +1,10 @@
-"""The README's table of renders, computed from examples/: `python -m tests.render_table`.
+"""docs/editions.md's table of renders, computed from examples/: `python -m tests.render_table`.
 
 examples/ is kept identical to fresh renders by tests/test_examples.py, so
 the counts are the generated code's own; the last row is a fresh render of
 the smallest teaching project (small_cnn, no features, every format), which
 no example holds. A second table lists that render's modules, each with the
-first line of its docstring. A test checks that README.md holds exactly these
+first line of its docstring. A test checks that docs/editions.md holds exactly these
 tables.
 """
 
@@ -79,7 +79,7 @@ def bare(tmp: str, profile: str) -> Path:
     return render(Path(tmp) / f"{profile}-bare", answers, src=ROOT)
 
 
-# The modules that hold only the core every render keeps, whatever the answers (README: profiles).
+# The modules that hold only the core every render keeps, whatever the answers (docs/editions.md).
 CORE = ("freeze", "checkpoint", "config", "weights", "batchnorm", "optim", "integrity", "runfolder", "rng", "run")
 CORE += ("train", "saving", "model")
 
@@ -123,7 +123,7 @@ def replace_table(text: str, fresh: str, begin: str, end: str) -> str:
 
 
 if __name__ == "__main__":
-    readme = ROOT / "README.md"
+    readme = ROOT / "docs" / "editions.md"
     renders, modules = tables()
     text = replace_table(readme.read_text(), renders, BEGIN, END)
     readme.write_text(replace_table(text, modules, MODULES_BEGIN, MODULES_END))

@@ -150,7 +150,7 @@ def test_timm_defaults_resolve_on_every_family(tmp_path, timm_model):
 
 
 def test_the_readme_backbone_table_matches_the_generated_code():
-    assert readme_table((ROOT / "README.md").read_text()) == table(), "run `python -m tests.backbone_table`"
+    assert readme_table((ROOT / "docs" / "backbones.md").read_text()) == table(), "run `python -m tests.backbone_table`"
 
 
 def shown_selectors(project: Path) -> dict[str, list]:

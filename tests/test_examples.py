@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,28 @@ def test_examples_are_ruff_clean():
 
 
 def test_the_readme_tables_of_renders_and_modules_match_fresh_code():
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "editions.md").read_text()
     renders, modules = tables()
     assert readme_table(readme) == renders, "run `python -m tests.render_table`"
     assert readme_table(readme, MODULES_BEGIN, MODULES_END) == modules, "run `python -m tests.render_table`"
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lowercase, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_readme_is_short_and_every_link_in_it_and_docs_resolves():
+    """The README leads (at most 250 lines); the longer material is in docs/, and no link points nowhere."""
+    readme = ROOT / "README.md"
+    assert len(readme.read_text().splitlines()) <= 250
+    for page in [readme, *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if target.startswith("http"):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.exists(), f"{page.name}: {target}"
+            if anchor:
+                headings = re.findall(r"(?m)^#+ (.*)$", linked.read_text())
+                assert anchor in {slug(h) for h in headings}, f"{page.name}: {target}"
