@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,16 @@ def test_an_unfreeze_stage_adds_what_it_releases_to_the_optimizer(config):
     missing = [n for n in expected if id(named[n]) not in held]
     assert not missing, f"{len(missing)} released tensors are not in the optimizer: they will never train"
     assert optimizer.param_groups[-1]["lr_mult"] == 0.1 and len(optimizer.param_groups) == 2
+
+
+def test_a_stage_at_epoch_0_trains_its_part_from_the_first_step(config, tmp_path: Path):
+    model = build_model(by_index(config))
+    name = first_child(model)
+    index = [n for n, _ in model.named_children()].index(name)
+    config.freeze.stages, config.train.epochs = [Stage(epoch=0, select=[index], lr_mult=0.5)], 1
+    fit(config, tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "freeze_manifest.json").read_text())
+    assert record["epoch"] == 0 and not [n for n in record["frozen"] if n.startswith(name + ".")]
 
 
 def test_a_stage_that_releases_nothing_is_refused_before_training(config):
