@@ -77,6 +77,27 @@ def test_a_failed_check_leaves_the_earlier_export_as_it_was(tmp_path, config, mo
     assert [p.name for p in tmp_path.iterdir()] == [out.name], "a temp file was left"
 
 
+def test_a_pt2_export_logs_nothing_about_its_temp_file_name(tmp_path, config, caplog):
+    export(build_model(config), "pt2", tmp_path / "m.pt2", example_inputs(config, 2))
+    assert not [r for r in caplog.records if "Expect archive file" in r.getMessage()]
+
+
+def test_an_export_to_a_full_disk_is_one_line_and_clears_its_own_stale_temp_files(tmp_path, config, monkeypatch):
+    import shutil
+
+    out = tmp_path / "m.pt2"
+    export(build_model(config), "pt2", out, example_inputs(config, 2))
+    before = out.read_bytes()
+    stale, other = tmp_path / ".m.pt2.0123456789ab.tmp", tmp_path / ".m.onnx.0123456789ab.tmp"
+    stale.write_bytes(b"left by a killed export")
+    other.write_bytes(b"not this export's")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))  # a nearly full disk
+    with pytest.raises(ExportError, match=r"m\.pt2: its disk has 0\.0 MiB free and this export needs about"):
+        export(build_model(config), "pt2", out, example_inputs(config, 2))
+    assert out.read_bytes() == before and not stale.exists() and other.exists()
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_export_carries_the_class_names(tmp_path, config, fmt):
     names = [f"kind_{i}" for i in range(config.model.num_classes)]

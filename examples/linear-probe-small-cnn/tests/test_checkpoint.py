@@ -21,6 +21,7 @@ from linear_probe_small_cnn.checkpoint import (
     CheckpointError,
     RunFiles,
     atomic_write,
+    read_classes,
     read_state_dict,
     torch_load,
 )
@@ -361,3 +362,20 @@ def test_a_monitor_that_is_no_metric_is_refused_before_the_run_folder_exists(tmp
     with pytest.raises(ConfigError, match="checkpoint.monitor = 'val_accuracy': must be \"val_acc\" or"):
         fit(config, tmp_path / "run", epochs=1, device="cpu")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("metadata", "refusal"),
+    [
+        ({"tied": "{out.weight"}, "'tied' metadata is not JSON"),
+        ({"tied": '{"out.weight": "missing.weight"}'}, "'tied' metadata must map names to tensors the file holds"),
+        ({"tied": '["out.weight"]'}, "'tied' metadata must map names to tensors the file holds"),
+        ({"classes": "[cat, dog"}, "'classes' metadata is not JSON"),
+    ],
+)
+def test_safetensors_metadata_that_is_not_ours_is_one_line(tmp_path, metadata, refusal):
+    path = tmp_path / "w.safetensors"
+    save_file({"embed.weight": torch.zeros(10, 4)}, path, metadata=metadata)
+    with pytest.raises(CheckpointError, match=re.escape(refusal)):
+        read_state_dict(path)
+        read_classes(path)

@@ -108,6 +108,18 @@ def test_images_that_only_fail_when_decoded_are_caught_before_training(tmp_path,
     assert len(train) == 4 and not {str(p) for p in broken} & {path for path, _ in train.samples}
 
 
+def test_a_16_bit_png_and_a_float_tiff_are_refused_by_name_not_saturated(tmp_path):
+    root = image_folder(tmp_path / "images")
+    gradient = torch.arange(64 * 64, dtype=torch.int32).reshape(64, 64) * 16  # 0..65520: 16 bits
+    Image.fromarray(gradient.numpy().astype("uint16")).save(root / "train" / "class0" / "deep.png")
+    Image.fromarray((gradient / 65535).numpy().astype("float32")).save(root / "train" / "class1" / "float.tif")
+    for path in ("deep.png", "float.tif"):  # PIL's RGB of each: nearly every pixel at 255, or only 0 and 1
+        with Image.open(next(root.rglob(path))) as image:
+            assert image.mode in ("I;16", "I", "F")
+    with pytest.raises(DataError, match=r"2 unreadable image\(s\).*deep\.png \(.*not 8 bits.*float\.tif"):
+        image_folder_datasets(root, 32, 2)
+
+
 def one_folder(root, config, per_class: int = 5):
     """root/<class>/*.png, no train/ or val/: what a user has before splitting."""
     image_folder(root / "tmp", classes=config.model.num_classes, per_class=per_class)
@@ -162,7 +174,8 @@ def test_a_run_keeps_its_split_and_evaluate_validates_on_it(tmp_path, config, ca
     config_file.write_text(to_toml(config))
     weights = out / "best.pt"
     capsys.readouterr()
-    assert main(["--config", str(config_file), "evaluate", "--weights", str(weights), "--data", str(root)]) == 0
+    args = ["--config", str(config_file), "evaluate", "--weights", str(weights), "--data", str(root), "--json"]
+    assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert sum(row["images"] for row in report["per_class"]) == len(split["val"])
 
@@ -190,7 +203,7 @@ def test_a_run_records_its_data_and_evaluate_run_uses_it(tmp_path, config, capsy
     assert record["data"] == str(root.resolve()) and record["train"]["images"] == 2 * config.model.num_classes
     capsys.readouterr()
     # No --data: the run's own, not synthetic (whose class names differ).
-    assert main(["evaluate", "--run", str(out)]) == 0
+    assert main(["evaluate", "--run", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["per_class"][0]["class"] == "class0"
     (root / "val" / "class0" / "0.png").write_bytes((root / "val" / "class1" / "0.png").read_bytes() + b"x")
     assert main(["evaluate", "--run", str(out)]) == 2

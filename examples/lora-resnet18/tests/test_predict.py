@@ -45,7 +45,7 @@ def test_class_names_travel_with_every_file_of_the_run(trained):
 def test_predict_agrees_with_evaluate(trained, tmp_path, capsys):
     images, out, config = trained
     weights = str(out / "best.pt")
-    assert main([*config, "evaluate", "--weights", weights, "--data", str(images), "--device", "cpu"]) == 0
+    assert main([*config, "evaluate", "--weights", weights, "--data", str(images), "--device", "cpu", "--json"]) == 0
     val_acc = json.loads(capsys.readouterr().out)["val_acc"]
     table = tmp_path / "predictions.csv"
     args = [*config, "predict", "--weights", weights, str(images / "val"), "--top-k", "2", "--out", str(table)]

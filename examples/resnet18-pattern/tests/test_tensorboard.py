@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from resnet18_pattern.config import ConfigError
+from resnet18_pattern.config import ConfigError, load_config
 from resnet18_pattern.train import fit
 
 
@@ -29,3 +29,8 @@ def test_tensorboard_without_the_package_fails_before_the_run_folder(tmp_path, c
     with pytest.raises(ConfigError, match=r"pip install -e '\.\[tensorboard\]'"):
         fit(config, tmp_path / "run", epochs=1, device="cpu")
     assert not (tmp_path / "run").exists()
+
+
+def test_tensorboard_chosen_at_copy_time_is_on_until_the_config_turns_it_off():
+    assert load_config().log.tensorboard is True
+    assert load_config(overrides=["log.tensorboard=false"]).log.tensorboard is False

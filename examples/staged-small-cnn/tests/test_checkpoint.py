@@ -22,6 +22,7 @@ from staged_small_cnn.checkpoint import (
     CheckpointError,
     RunFiles,
     atomic_write,
+    read_classes,
     read_state_dict,
     safetensors_bytes,
     torch_load,
@@ -401,3 +402,20 @@ def test_a_runs_safetensors_names_its_epoch_metric_and_config(tmp_path, config):
     config.train.epochs = 1
     assert metadata["epoch"] == "0" and metadata["config_sha256"] == config_hash(config.to_dict())
     assert float(metadata[config.checkpoint.monitor]) >= 0
+
+
+@pytest.mark.parametrize(
+    ("metadata", "refusal"),
+    [
+        ({"tied": "{out.weight"}, "'tied' metadata is not JSON"),
+        ({"tied": '{"out.weight": "missing.weight"}'}, "'tied' metadata must map names to tensors the file holds"),
+        ({"tied": '["out.weight"]'}, "'tied' metadata must map names to tensors the file holds"),
+        ({"classes": "[cat, dog"}, "'classes' metadata is not JSON"),
+    ],
+)
+def test_safetensors_metadata_that_is_not_ours_is_one_line(tmp_path, metadata, refusal):
+    path = tmp_path / "w.safetensors"
+    save_file({"embed.weight": torch.zeros(10, 4)}, path, metadata=metadata)
+    with pytest.raises(CheckpointError, match=re.escape(refusal)):
+        read_state_dict(path)
+        read_classes(path)

@@ -15,6 +15,7 @@ from staged_small_cnn.cli import main
 from staged_small_cnn.config import ConfigError, check, load_config, parse_stages
 from staged_small_cnn.freeze import resolve
 from staged_small_cnn.model import build_model
+from staged_small_cnn.saving import DivergedError
 
 EPOCHS = 4
 
@@ -287,6 +288,25 @@ def test_resume_after_a_stage_keeps_the_released_part_training(tmp_path, config)
     assert [g["name"] for g in after["optimizer"]["param_groups"]] == [
         g["name"] for g in before["freeze_manifest"]["param_groups"]
     ]
+
+
+def test_a_stage_epoch_that_diverges_leaves_freeze_manifest_agreeing_with_last_ckpt(tmp_path, config, monkeypatch):
+    stage_plan(config)
+    real_epoch = train.train_one_epoch
+
+    def diverges_once_a_stage_began(net, loader, optimizer, *args, **kwargs):
+        if any(group["name"].startswith("stage") for group in optimizer.param_groups):
+            raise DivergedError("the loss is nan")
+        return real_epoch(net, loader, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", diverges_once_a_stage_began)
+    out = tmp_path / "run"
+    with pytest.raises(DivergedError):
+        train.fit(config, out, epochs=EPOCHS, device="cpu")
+    saved = torch_load(out / "last.ckpt")["freeze_manifest"]
+    on_disk = json.loads((out / "freeze_manifest.json").read_text())
+    assert saved["stages_done"] == 0 and on_disk["stages_done"] == 0, "the manifest ran ahead of last.ckpt"
+    assert on_disk["frozen"] == saved["frozen"]
 
 
 def test_every_default_stage_resolves(config):

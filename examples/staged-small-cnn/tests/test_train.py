@@ -83,7 +83,8 @@ def test_evaluate_reports_accuracy_of_saved_weights(tmp_path, config, config_fil
     weights = out / "best.pt"
     capsys.readouterr()
     report_dir = tmp_path / "report"
-    assert main(["--config", str(config_file), "evaluate", "--weights", str(weights), "--out", str(report_dir)]) == 0
+    args = ["--config", str(config_file), "evaluate", "--weights", str(weights), "--out", str(report_dir), "--json"]
+    assert main(args) == 0
     result = json.loads(capsys.readouterr().out, parse_constant=no_nan)
     assert 0.0 <= result["val_acc"] <= 1.0
     per_class = result["per_class"]
@@ -102,14 +103,24 @@ def test_evaluate_reports_accuracy_of_saved_weights(tmp_path, config, config_fil
     assert (report_dir / "confusion.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_evaluate_prints_a_table_for_a_person(tmp_path, config, capsys):
+    out = tmp_path / "run"
+    fit(config, out, epochs=1, device="cpu")
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "val_acc" in lines[0] and lines[2].split() == ["class", "images", "accuracy", "precision", "recall"]
+    assert len(lines) == 3 + config.model.num_classes  # a row per class, not one JSON line
+
+
 def test_evaluate_run_reads_the_runs_best_weights_and_config(tmp_path, config, capsys):
     out = tmp_path / "run"
     fit(config, out, epochs=1, device="cpu")  # a shrunken config: only the run's config.toml holds its sizes
     weights = out / "best.safetensors"
     capsys.readouterr()
-    assert main(["evaluate", "--run", str(out)]) == 0
+    assert main(["evaluate", "--run", str(out), "--json"]) == 0
     by_run = json.loads(capsys.readouterr().out)
-    assert main(["--config", str(out / "config.toml"), "evaluate", "--weights", str(weights)]) == 0
+    assert main(["--config", str(out / "config.toml"), "evaluate", "--weights", str(weights), "--json"]) == 0
     assert by_run == json.loads(capsys.readouterr().out)
     assert main(["evaluate", "--run", str(tmp_path)]) == 2
     assert "no best.safetensors, best.pt or last.ckpt" in capsys.readouterr().err

@@ -30,7 +30,7 @@ from .data import (
     same_data,
 )
 from .distributed import stop
-from .evaluation import confusion_matrix, finite_or_null, report, write_report
+from .evaluation import confusion_matrix, finite_or_null, report, table, write_report
 from .export import FORMATS, ExportError, export
 from .freeze import FreezeSpecError
 from .integrity import IntegrityError
@@ -122,6 +122,7 @@ def add_inference_commands(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--data", help=f"default: the data the run trained on (its data.json), else {DEFAULT_DATA}")
     ev.add_argument("--device")
     ev.add_argument("--out", help="folder to write per_class.csv and confusion.csv (and confusion.png) into")
+    ev.add_argument("--json", action="store_true", help="print the report as one JSON object, for scripts")
 
 
 def add_train_command(commands: argparse._SubParsersAction) -> None:
@@ -370,7 +371,7 @@ def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
         written = write_report(Path(args.out), result, confusion, names)
         written.append(plot_confusion(confusion, names, Path(args.out) / "confusion.png"))
         result["files"] = [str(path) for path in written]
-    print(json.dumps(finite_or_null(result), allow_nan=False))
+    print(json.dumps(finite_or_null(result), allow_nan=False) if args.json else table(result))
     return 0
 
 

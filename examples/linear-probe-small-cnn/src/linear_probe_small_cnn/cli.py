@@ -33,8 +33,8 @@ from .data import (
     saved_split,
 )
 from .distributed import stop
-from .evaluation import confusion_matrix, finite_or_null, report, write_report
-from .export import FORMATS, ExportError, export, export_classes, load_export
+from .evaluation import confusion_matrix, finite_or_null, report, table, write_report
+from .export import EXPORT_SUFFIXES, FORMATS, ExportError, export, export_classes, load_export
 from .freeze import FreezeSpecError
 from .integrity import IntegrityError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
@@ -126,6 +126,7 @@ def add_inference_commands(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--data", help=f"default: the data the run trained on (its data.json), else {DEFAULT_DATA}")
     ev.add_argument("--device")
     ev.add_argument("--out", help="folder to write per_class.csv and confusion.csv (and confusion.png) into")
+    ev.add_argument("--json", action="store_true", help="print the report as one JSON object, for scripts")
 
     pr = commands.add_parser("predict", help="classify image files or folders with saved weights")
     pr.add_argument(
@@ -390,7 +391,7 @@ def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
         written = write_report(Path(args.out), result, confusion, names)
         written.append(plot_confusion(confusion, names, Path(args.out) / "confusion.png"))
         result["files"] = [str(path) for path in written]
-    print(json.dumps(finite_or_null(result), allow_nan=False))
+    print(json.dumps(finite_or_null(result), allow_nan=False) if args.json else table(result))
     return 0
 
 
@@ -410,8 +411,8 @@ def cmd_plot(args: argparse.Namespace, config: Config) -> int:
 
 
 def predict_model(weights: str, config: Config, device: torch.device) -> tuple[Callable, list[str]]:
-    """The model predict runs, and its class names: trained weights, or a .pt2 or .onnx export."""
-    if Path(weights).suffix not in (".pt2", ".onnx"):
+    """The model predict runs, and its class names: trained weights, or a .pt2, .onnx or TorchScript export."""
+    if Path(weights).suffix not in EXPORT_SUFFIXES:
         return trained_model(weights, config).to(device).eval(), weights_classes(weights, config)
     if device.type != "cpu":
         raise ConfigError(f"--device {device}: an export runs on the CPU, where export checked it")

@@ -30,7 +30,7 @@ from .data import (
     same_data,
     saved_split,
 )
-from .evaluation import confusion_matrix, finite_or_null, report, write_report
+from .evaluation import confusion_matrix, finite_or_null, report, table, write_report
 from .freeze import FreezeSpecError
 from .integrity import IntegrityError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
@@ -110,6 +110,7 @@ def add_inference_commands(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--data", help=f"default: the data the run trained on (its data.json), else {DEFAULT_DATA}")
     ev.add_argument("--device")
     ev.add_argument("--out", help="folder to write per_class.csv and confusion.csv into")
+    ev.add_argument("--json", action="store_true", help="print the report as one JSON object, for scripts")
 
     pr = commands.add_parser("predict", help="classify image files or folders with saved weights")
     pr.add_argument(
@@ -369,7 +370,7 @@ def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
     if args.out is not None:
         written = write_report(Path(args.out), result, confusion, names)
         result["files"] = [str(path) for path in written]
-    print(json.dumps(finite_or_null(result), allow_nan=False))
+    print(json.dumps(finite_or_null(result), allow_nan=False) if args.json else table(result))
     return 0
 
 

@@ -1,8 +1,8 @@
 """evaluate's report: accuracy overall and per class, top-k accuracy, precision, recall, the confusion matrix.
 
-The report is plain JSON: a ratio with nothing to divide by (precision of a
-class nothing was predicted as, a class without images) is null, never NaN,
-so every JSON reader takes it.
+A person gets a table; `--json` gives plain JSON, where a ratio with nothing
+to divide by (precision of a class nothing was predicted as, a class
+without images) is null, never NaN, so every JSON reader takes it.
 """
 
 from __future__ import annotations
@@ -71,6 +71,19 @@ def finite_or_null(value: Any) -> Any:
     if isinstance(value, list):
         return [finite_or_null(item) for item in value]
     return value
+
+
+def table(result: dict[str, Any]) -> str:
+    """The report for a terminal: the totals, then a row per class in the per_class.csv column order."""
+    top_k = f"  top-{result['top_k']} acc {result['val_top_k_acc']:.4f}" if result["top_k"] > 1 else ""
+    lines = [f"{result['weights']}: val_loss {result['val_loss']:.4f}  val_acc {result['val_acc']:.4f}{top_k}", ""]
+    width = max(len("class"), *(len(row["class"]) for row in result["per_class"]))
+    lines.append(f"{'class':<{width}}  {'images':>6}  {'accuracy':>8}  {'precision':>9}  {'recall':>6}")
+    for row in result["per_class"]:
+        cells = ["-" if row[c] is None else f"{row[c]:.3f}" for c in ("accuracy", "precision", "recall")]
+        lines.append(f"{row['class']:<{width}}  {row['images']:>6}  {cells[0]:>8}  {cells[1]:>9}  {cells[2]:>6}")
+    lines += [f"wrote {path}" for path in result.get("files", [])]
+    return "\n".join(lines)
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:

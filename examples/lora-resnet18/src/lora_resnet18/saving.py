@@ -101,6 +101,10 @@ def save(run: Run, row: dict[str, float]) -> None:
         "data": run.data_record,
     }
     save_full(run.files, checkpoint, run.config.checkpoint.keep_last_k)
+    if row["epoch"] in run.state.stage_epochs:
+        # A stage began this epoch: its freeze state is written with the epoch's files, so a run
+        # stopped or diverged in that epoch never leaves a manifest ahead of what it saved.
+        write_json(run.out / "freeze_manifest.json", manifest(run.model, run.state, run.groups))
     run.saved = row["epoch"]
 
 
@@ -138,13 +142,18 @@ def save_full(files: RunFiles, checkpoint: dict[str, Any], keep_last_k: int) -> 
 
     epoch-0003.ckpt holds the state after epoch 3 (as numbered in
     metrics.csv), so resuming from it runs epoch 4 next. An old epoch file is
-    deleted only after the new one is complete.
+    deleted only after the new one is complete; last.ckpt shares the newest
+    one's bytes on disk.
     """
     payload = torch_bytes(checkpoint)
     info = full_info(checkpoint)
-    if keep_last_k:
-        files.save(f"epoch-{checkpoint['epoch']:04d}.ckpt", payload, info)
-        epoch_files = sorted((name for name in files.files if EPOCH_FILE.fullmatch(name)), key=lambda n: int(n[6:-5]))
-        for name in epoch_files[:-keep_last_k]:
-            files.remove(name)
-    files.save("last.ckpt", payload, info)
+    if not keep_last_k:
+        files.save("last.ckpt", payload, info)
+        return
+    newest = f"epoch-{checkpoint['epoch']:04d}.ckpt"
+    files.save(newest, payload, info)
+    epoch_files = sorted((name for name in files.files if EPOCH_FILE.fullmatch(name)), key=lambda n: int(n[6:-5]))
+    for name in epoch_files[:-keep_last_k]:
+        files.remove(name)
+    # last.ckpt is the newest epoch file under a second name (a hard link): one copy on disk.
+    files.link("last.ckpt", newest, info)

@@ -21,10 +21,10 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import Config, Stage
-from .freeze import manifest, unfreeze_stage
+from .freeze import unfreeze_stage
 from .optim import add_groups, param_groups
 from .run import Asked, Run, open_run, start_run
-from .saving import DivergedError, save, write_json, write_metrics
+from .saving import DivergedError, save, write_metrics
 
 # How often a step reads back whether the loss stayed finite.
 CHECK_EVERY = 16
@@ -184,7 +184,7 @@ def begin_stages(run: Run, epoch: int) -> None:
         add_groups(run.model, run.optimizer, run.scheduler, new, run.config, run.epochs)
         run.groups = run.groups + new
         run.integrity.take(run.model)  # the fixed set is smaller now
-        write_json(run.out / "freeze_manifest.json", manifest(run.model, run.state, run.groups))
+        # freeze_manifest.json follows when this epoch's files are saved (saving.save), never before.
         print(stage_line(run.model, epoch, stage, names, new) + why)
 
 

@@ -93,12 +93,23 @@ def image_transforms(image_size: int, augment: bool):
     return train, val
 
 
+# Modes PIL turns into RGB without loss; a 16-bit ("I;16", "I") or float ("F")
+# image would saturate to 0 and 255 on the way, so it is refused by name.
+EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
+
+
+def require_eight_bits(mode: str) -> None:
+    if mode not in EIGHT_BIT_MODES:
+        raise ValueError(f"mode {mode} is not 8 bits a channel; convert it to 8-bit RGB or grayscale")
+
+
 def load_rgb(path: str):
     """torchvision's loader, with the file's name in the error."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
+            require_eight_bits(image.mode)
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: cannot read the image ({err})") from None
@@ -114,6 +125,7 @@ def decode_cheaply(path: str) -> None:
     from PIL import Image
 
     with Image.open(path) as image:
+        require_eight_bits(image.mode)
         image.draft("RGB", (1, 1))
         image.load()
 

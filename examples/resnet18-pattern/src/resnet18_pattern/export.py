@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import json
+import re
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +58,7 @@ def export(
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     model = plain_batchnorm(model).eval()
     out = Path(out)
+    make_room(out, model)
     errors: list[float] = []
     with torch.no_grad():
         expected = model(example)
@@ -75,6 +78,27 @@ def export(
     return errors[0]
 
 
+def make_room(out: Path, model: nn.Module) -> None:
+    """Remove temp files an earlier export of `out` left (a killed process), then check the disk can hold it.
+
+    A full disk mid-write aborts torch's pt2 and TorchScript writers in C++
+    (no exception to catch), so the space is checked before, at 1.5x the
+    model's tensors: both formats store them once, plus the program.
+    """
+    stale = re.compile(re.escape(f".{out.name}.") + "[0-9a-f]" * 12 + re.escape(".tmp"))  # atomic_path's names only
+    for path in out.parent.glob(f".{out.name}.*.tmp"):
+        if stale.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink()
+    tensors = [*model.parameters(), *model.buffers()]
+    needed = int(1.5 * sum(t.numel() * t.element_size() for t in tensors)) + 2**20
+    free = shutil.disk_usage(out.parent).free
+    if free < needed:
+        raise ExportError(
+            f"{out}: its disk has {free / 2**20:.1f} MiB free and this export needs about {needed / 2**20:.1f} MiB; "
+            "free some space or pass another --out"
+        )
+
+
 def _writer(model: nn.Module, fmt: str, example: torch.Tensor, classes: str) -> tuple[Callable, Callable]:
     """(write the export to a path, run the file at a path on `example`) for one format."""
     # Batch size stays free in the exported graph; everything else is fixed.
@@ -83,7 +107,9 @@ def _writer(model: nn.Module, fmt: str, example: torch.Tensor, classes: str) -> 
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
 
         def write(path: Path) -> None:
-            torch.export.save(program, path, extra_files={CLASSES_FILE: classes})
+            # Through a file object: torch logs a warning for a path not ending in .pt2, as a temp file's does not.
+            with open(path, "wb") as f:
+                torch.export.save(program, f, extra_files={CLASSES_FILE: classes})
 
         return write, (lambda path: load_export(path, "pt2")(example))
     if fmt == "torchscript":
@@ -127,14 +153,22 @@ def _torchscript_writer(model: nn.Module, example: torch.Tensor, classes: str) -
     return write, run
 
 
+# The suffixes predict runs as an export, and the format each one is.
+EXPORT_SUFFIXES = {".pt2": "pt2", ".onnx": "onnx", ".torchscript": "torchscript", ".ts": "torchscript"}
+
+
 def load_export(path: str | Path, fmt: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A pt2 or onnx file (`fmt`, else by its suffix) as a function of a CPU batch: logits, as eager gives them."""
+    """A pt2, onnx or TorchScript file (`fmt`, else its suffix) as a function of a CPU batch: eager's logits."""
     path = Path(path)
-    fmt = fmt or path.suffix.lstrip(".")
+    fmt = fmt or EXPORT_SUFFIXES.get(path.suffix)
     if fmt == "pt2":
-        return torch.export.load(path).module()
+        with open(path, "rb") as f:  # a file object: any name, no warning about it
+            return torch.export.load(f).module()
+    if fmt == "torchscript":
+        with warnings.catch_warnings(action="ignore", category=FutureWarning):
+            return torch.jit.load(str(path), map_location="cpu")
     if fmt != "onnx":
-        raise ExportError(f"{path}: an export to run is a .pt2 or .onnx file")
+        raise ExportError(f"{path}: an export to run is a {', '.join(EXPORT_SUFFIXES)} file")
     _onnx_packages()
     import onnxruntime
 

@@ -74,8 +74,12 @@ def atomic_path(path: Path, before_replace: Callable[[Path], None] | None = None
         if isinstance(err, OSError):
             _raise_if_full(err, path)
         raise
-    # The rename itself must reach the disk too, or a power cut can undo it.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """A rename must reach the disk too, or a power cut can undo it."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -162,18 +166,51 @@ class RunFiles:
 
     def save(self, name: str, data: bytes, info: dict[str, Any]) -> None:
         """Write `data` to `folder/name` atomically and record it with `info` (epoch, metric, format)."""
+        digest = hashlib.sha256(data).hexdigest()
+        atomic_write(
+            self.folder / name, lambda f: f.write(data), lambda tmp: self._record(name, digest, len(data), info)
+        )
+        self.files[name].pop("replaces", None)
+        self._write()
 
-        def record(tmp: Path) -> None:
-            entry = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), **info}
-            entry["torch"] = torch.__version__
-            entry["written"] = datetime.now(UTC).isoformat(timespec="seconds")
-            previous = self.files.get(name)
-            # None marks a file that did not exist: killed before the rename, it never will.
-            entry["replaces"] = None if previous is None else {k: v for k, v in previous.items() if k != "replaces"}
-            self.files[name] = entry
-            self._write()
+    def _record(self, name: str, digest: str, size: int, info: dict[str, Any]) -> None:
+        """The new file's entry, written ahead of its rename; it keeps the entry it replaces until then."""
+        entry = {"sha256": digest, "size": size, **info}
+        entry["torch"] = torch.__version__
+        entry["written"] = datetime.now(UTC).isoformat(timespec="seconds")
+        previous = self.files.get(name)
+        # None marks a file that did not exist: killed before the rename, it never will.
+        entry["replaces"] = None if previous is None else {k: v for k, v in previous.items() if k != "replaces"}
+        self.files[name] = entry
+        self._write()
 
-        atomic_write(self.folder / name, lambda f: f.write(data), before_replace=record)
+    def link(self, name: str, source: str, info: dict[str, Any]) -> None:
+        """`name` as a second name of the listed file `source`: one copy on disk, as crash-safe as save().
+
+        A run replaces its files whole (a new file renamed over the name) and
+        never writes one in place, so bytes shared by two names cannot change
+        under either. Where the filesystem has no hard links, `name` is a copy.
+        """
+        path, tmp = self.folder / name, self.folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        linked = False
+        try:
+            try:
+                os.link(self.folder / source, tmp)
+                linked = True
+            except OSError as err:
+                if isinstance(err, FileExistsError):
+                    raise
+            if linked:
+                self._record(name, self.files[source]["sha256"], self.files[source]["size"], info)
+                os.replace(tmp, path)
+        except BaseException:
+            if linked:
+                tmp.unlink(missing_ok=True)
+            raise
+        if not linked:
+            self.save(name, (self.folder / source).read_bytes(), info)
+            return
+        fsync_folder(self.folder)
         self.files[name].pop("replaces", None)
         self._write()
 
@@ -350,9 +387,22 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} ({path.stat().st_size} bytes) is damaged: {err}") from None
-    for alias, kept in json.loads(metadata.get("tied", "{}")).items():
+    tied = metadata_json(path, metadata, "tied", "{}")
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and v in tensors for k, v in tied.items()):
+        raise CheckpointError(
+            f"{path}: its 'tied' metadata must map names to tensors the file holds, got {tied!r:.200}"
+        )
+    for alias, kept in tied.items():
         tensors[alias] = tensors[kept]
     return tensors
+
+
+def metadata_json(path: Path, metadata: dict[str, str], key: str, default: str) -> Any:
+    """A JSON value this template wrote into a .safetensors file's metadata; one line if it is not JSON."""
+    try:
+        return json.loads(metadata.get(key) or default)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: its {key!r} metadata is not JSON ({err})") from None
 
 
 def read_classes(path: str | Path) -> list[str] | None:
@@ -367,8 +417,8 @@ def read_classes(path: str | Path) -> list[str] | None:
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:
-            text = (f.metadata() or {}).get("classes")
-        names = json.loads(text) if text else None
+            metadata = f.metadata() or {}
+        names = metadata_json(path, metadata, "classes", "null")
     elif path.suffix in TORCH_SUFFIXES:
         obj = torch_load(path)
         names = obj.get("classes") if isinstance(obj, dict) else None

@@ -25,11 +25,11 @@ from tqdm import tqdm
 from .config import Config, Stage
 from .distributed import SINGLE, World, all_sum, check_in_sync, on_main, sync_buffers
 from .features import build_cache
-from .freeze import manifest, unfreeze_stage
+from .freeze import unfreeze_stage
 from .model import HEAD
 from .optim import add_groups, optimizer_step, param_groups
 from .run import Asked, Run, make_net, open_run, start_run
-from .saving import DivergedError, best_files, find_best, read_weights, save, write_json, write_metrics
+from .saving import DivergedError, best_files, find_best, read_weights, save, write_metrics
 
 # How often a step reads back whether the loss stayed finite.
 CHECK_EVERY = 16
@@ -178,6 +178,8 @@ def fit(
             record(run, row)
             save(run, row)
             if run.trackers is not None:
+                if epoch in run.state.stage_epochs:  # a stage began: its freeze state, as saved
+                    run.trackers.file(run.out / "freeze_manifest.json")
                 run.trackers.sync(run.history)
             if stop_after is not None and ran >= stop_after:
                 break
@@ -224,11 +226,9 @@ def begin_stages(run: Run, epoch: int) -> None:
         if run.ema is not None:
             run.ema.add(run.model, names)
         run.net = make_net(run.model, run.world, run.device, run.config)
+        # freeze_manifest.json follows when this epoch's files are saved (saving.save), never before.
         if run.world.main:
-            write_json(run.out / "freeze_manifest.json", manifest(run.model, run.state, run.groups))
             print(stage_line(run.model, epoch, stage, names, new) + why)
-        if run.trackers is not None:
-            run.trackers.file(run.out / "freeze_manifest.json")
         if run.caching and names:
             run.caching, run.cache = False, None
             if run.world.main:
