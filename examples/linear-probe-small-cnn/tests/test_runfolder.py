@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -271,23 +269,6 @@ def test_pruning_deletes_only_the_epoch_files_it_wrote(tmp_path):
     save_full(files, {**checkpoint, "epoch": 3}, keep_last_k=1)
     assert (tmp_path / "epoch-notes.txt").exists() and (tmp_path / "epoch-0001.ckpt.bak").exists()
     assert not (tmp_path / "epoch-0002.ckpt").exists() and (tmp_path / "epoch-0003.ckpt").exists()
-
-
-@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
-def test_last_ckpt_and_the_newest_epoch_file_are_one_copy_on_disk(tmp_path, small, monkeypatch, links):
-    def no_hard_links(*args, **kwargs):  # as on FAT or some network mounts: a copy, as safe
-        raise OSError(errno.EPERM, "hard links are not supported here")
-
-    if not links:
-        monkeypatch.setattr(os, "link", no_hard_links)
-    out = tmp_path / "run"
-    small.checkpoint.keep_last_k = 1
-    fit(small, out, epochs=2, device="cpu")
-    last, newest = (out / "last.ckpt").stat(), (out / "epoch-0001.ckpt").stat()
-    assert (last.st_ino == newest.st_ino) == links and last.st_nlink == (2 if links else 1)
-    files = RunFiles(out)
-    assert files.verify("last.ckpt")["sha256"] == files.verify("epoch-0001.ckpt")["sha256"]
-    assert not list(out.glob(".*.tmp")) and not (out / "epoch-0000.ckpt").exists()
 
 
 @pytest.mark.parametrize("device", ["meta", "mps", "xla"])

@@ -38,6 +38,16 @@ def test_a_run_folder_is_not_overwritten_without_overwrite(tmp_path: Path, capsy
     assert main([*TINY, "train", "--epochs", "1", "--out", str(out), "--overwrite"]) == 0
 
 
+def test_overwrite_with_a_bad_setting_keeps_the_old_run(tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    assert main([*TINY, "train", "--epochs", "1", "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = ["--set", 'freeze.frozen=["no_such_module"]']
+    assert main([*TINY, *bad, "train", "--epochs", "1", "--out", str(out), "--overwrite"]) == 2
+    assert "no_such_module" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "the old run must survive a refused new one"
+
+
 def test_overwrite_removes_a_link_and_never_what_it_points_to(tmp_path: Path):
     victim = tmp_path / "victim.txt"
     victim.write_text("keep")
@@ -68,6 +78,13 @@ def test_layers_prints_every_parameter_and_what_trains(capsys):
     assert main(["layers"]) == 0
     out = capsys.readouterr().out
     assert "top-level children (for index selectors): 0=" in out and "parameters train" in out
+    stage = ["--set", 'freeze.frozen=["idx:0..-1"]', "--set", "freeze.stages=[{epoch = 1, select = [0]}]"]
+    assert main([*stage, "layers", "--epoch", "0"]) == 0
+    before = capsys.readouterr().out
+    assert main([*stage, "layers", "--epoch", "1"]) == 0  # the state epoch 1 trains in: its stage has released
+    after = capsys.readouterr().out
+    frozen = [line.split()[0] for line in before.splitlines() if line.endswith("frozen")]
+    assert frozen and [line.split()[0] for line in after.splitlines() if line.endswith("frozen")] != frozen
 
 
 def dropout_model(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -78,8 +95,8 @@ def dropout_model(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 def steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, n: int) -> None:
     model.train()
-    for _ in range(n):  # the batches and the dropout masks both come from the RNGs
-        loss = model(torch.randn(16, 4)).pow(2).mean()
+    for _ in range(n):  # the batches, their scale and the dropout masks come from torch's and Python's RNGs
+        loss = model(torch.randn(16, 4) * random.uniform(0.5, 2.0)).pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -88,6 +105,7 @@ def steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, n: int) -> N
 @pytest.mark.exercise5
 def test_restore_puts_back_the_optimizer_and_every_rng_so_training_continues_exactly():
     model, optimizer = dropout_model(0)
+    random.seed(0)
     steps(model, optimizer, 3)
     state = {"epoch": 0, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": train.rng_state(),
              "history": [{"epoch": 0, "val_acc": 0.5}], "best": 0.5}

@@ -183,7 +183,7 @@ def check(config: Config) -> None:
         if mode not in BN_MODES:
             raise UserError(f"freeze.bn_modes {selector!r} = {mode!r}; allowed: {', '.join(BN_MODES)}")
     for i, stage in enumerate(freeze.stages):
-        if not isinstance(stage.epoch, int) or stage.epoch < 0 or not stage.lr_mult > 0:
-            raise UserError(f"freeze.stages[{i}]: epoch must be an int >= 0 and lr_mult above 0")
+        if not isinstance(stage.epoch, int) or not 0 <= stage.epoch < config.train.epochs or not stage.lr_mult > 0:
+            raise UserError(f"freeze.stages[{i}]: epoch must be an int in 0..train.epochs-1 and lr_mult above 0")
     if [stage.epoch for stage in freeze.stages] != sorted(stage.epoch for stage in freeze.stages):
         raise UserError(f"freeze.stages must be in epoch order, got epochs {[stage.epoch for stage in freeze.stages]}")

@@ -2,10 +2,10 @@ r"""What trains and what does not: selectors, BatchNorm modes, and the optimizer
 
 A selector picks parameters (a module brings every parameter inside it):
 
-  layer1, layer2.0.conv1.weight   a module or parameter name, at any depth
+  "block1"                        a module or parameter name, at any depth
   1, -1, "idx:-2", "idx:0..2"     top-level children by position (a..b: Python's a:b)
-  "layer[12].*", "*.bn*"          a glob on module and parameter names
-  "re:^blocks\.[0-5]\."           a regex, searched in module and parameter names
+  "block1.*", "*.bias"            a glob on module and parameter names
+  "re:^block1[.]"                 a regex, searched in module and parameter names
   "!head"                         takes its matches back out
 
 A list is read in order; a list that starts with "!" starts from every
@@ -87,8 +87,8 @@ class FixedStats:
     def train(self, mode: bool = True) -> nn.Module:
         """Exercise 3: BatchNorm statistics that stay fixed.
 
-        Whatever model.train() asks, keep this BatchNorm in eval mode (through the
-        parent class) and return self. Must hold: running_mean, running_var and
+        Whatever model.train() asks, keep this BatchNorm in eval mode through the
+        parent class (super(); self.eval() would call this method again), return self. Must hold: running_mean, running_var and
         num_batches_tracked stay bit-identical through model.train() and a forward
         pass. Not the habit: requires_grad=False or one bn.eval() before the loop;
         the next model.train() brings training mode back, and the statistics drift.

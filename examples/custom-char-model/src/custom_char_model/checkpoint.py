@@ -184,36 +184,6 @@ class RunFiles:
         self.files[name] = entry
         self._write()
 
-    def link(self, name: str, source: str, info: dict[str, Any]) -> None:
-        """`name` as a second name of the listed file `source`: one copy on disk, as crash-safe as save().
-
-        A run replaces its files whole (a new file renamed over the name) and
-        never writes one in place, so bytes shared by two names cannot change
-        under either. Where the filesystem has no hard links, `name` is a copy.
-        """
-        path, tmp = self.folder / name, self.folder / f".{name}.{secrets.token_hex(6)}.tmp"
-        linked = False
-        try:
-            try:
-                os.link(self.folder / source, tmp)
-                linked = True
-            except OSError as err:
-                if isinstance(err, FileExistsError):
-                    raise
-            if linked:
-                self._record(name, self.files[source]["sha256"], self.files[source]["size"], info)
-                os.replace(tmp, path)
-        except BaseException:
-            if linked:
-                tmp.unlink(missing_ok=True)
-            raise
-        if not linked:
-            self.save(name, (self.folder / source).read_bytes(), info)
-            return
-        fsync_folder(self.folder)
-        self.files[name].pop("replaces", None)
-        self._write()
-
     def remove(self, name: str) -> None:
         # Out of the manifest first: a file on disk that is not listed is
         # ignored, a listed file that is gone would be reported as missing.

@@ -195,18 +195,15 @@ def save_full(files: RunFiles, checkpoint: dict[str, Any], keep_last_k: int) -> 
 
     epoch-0003.ckpt holds the state after epoch 3 (as numbered in
     metrics.csv), so resuming from it runs epoch 4 next. An old epoch file is
-    deleted only after the new one is complete; last.ckpt shares the newest
-    one's bytes on disk.
+    deleted only after the new one is complete.
     """
     payload = torch_bytes(checkpoint)
     info = full_info(checkpoint)
-    if not keep_last_k:
-        files.save("last.ckpt", payload, info)
-        return
-    newest = f"epoch-{checkpoint['epoch']:04d}.ckpt"
-    files.save(newest, payload, info)
-    epoch_files = sorted((name for name in files.files if EPOCH_FILE.fullmatch(name)), key=lambda n: int(n[6:-5]))
-    for name in epoch_files[:-keep_last_k]:
-        files.remove(name)
-    # last.ckpt is the newest epoch file under a second name (a hard link): one copy on disk.
-    files.link("last.ckpt", newest, info)
+    if keep_last_k:
+        files.save(f"epoch-{checkpoint['epoch']:04d}.ckpt", payload, info)
+        epoch_files = sorted((name for name in files.files if EPOCH_FILE.fullmatch(name)), key=lambda n: int(n[6:-5]))
+        for name in epoch_files[:-keep_last_k]:
+            files.remove(name)
+    # A second copy, not a hard link to the newest epoch file: damage to one
+    # name (a bad sector, an edit) must leave the other to resume from.
+    files.save("last.ckpt", payload, info)

@@ -34,7 +34,7 @@ RUN_FILES = ("best.pt", "best.safetensors", "last.ckpt", "metrics.csv", "config.
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: str) -> float:
     """One pass over the training data; returns the mean loss."""
-    # Fixed BatchNorm layers stay in eval mode here: freeze.py made their train() a no-op.
+    # Fixed BatchNorm layers stay in eval mode here: freeze.py made their train() mean eval().
     model.train()
     total, seen = 0.0, 0
     for step, (inputs, labels) in enumerate(loader):
@@ -118,8 +118,7 @@ def fit(config: Config, out: Path, data: str = DEFAULT_DATA, init: str | None = 
         val_loss, val_acc = evaluate(model, val_loader, device)
         history.append({"epoch": epoch, "lr": learning_rate(config, epoch), "train_loss": train_loss,
                         "val_loss": val_loss, "val_acc": val_acc})
-        improved = val_acc > best
-        best = max(best, val_acc)
+        improved, best = val_acc > best, max(best, val_acc)
         state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "rng": rng_state(), "config": config.to_dict(), "history": history, "best": best, **record}
         save_epoch(out, model, state, improved)
@@ -131,6 +130,9 @@ def fit(config: Config, out: Path, data: str = DEFAULT_DATA, init: str | None = 
 def save_epoch(out: Path, model: nn.Module, state: dict[str, Any], improved: bool) -> None:
     """What an epoch leaves in the run folder, each file replaced whole."""
     out.mkdir(parents=True, exist_ok=True)  # made at the first save: a run that fails before leaves nothing
+    if state["epoch"] == 0:  # an --overwrite run's old files go now, once every check has passed
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)  # a link itself, never what it points to
     checkpoint.atomic_write(out / "config.toml", tomli_w.dumps(state["config"]).encode())
     manifest = freeze.freeze_record(model, state["epoch"])
     checkpoint.atomic_write(out / "freeze_manifest.json", json.dumps(manifest, indent=1).encode())
@@ -165,14 +167,12 @@ def restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Opti
 
 # The command line
 def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse a run folder that holds a run, unless --overwrite: then remove only our files in it."""
+    """Refuse a run folder that holds a run, unless --overwrite (save_epoch removes it, at the new run's first save)."""
     if out.is_symlink() or out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a link or a file; name a new folder")
     held = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
     if held and not overwrite:
         raise UserError(f"--out {out} already holds a run ({', '.join(held)}); --overwrite starts it again")
-    for name in held:
-        (out / name).unlink()  # a link is removed itself, never what it points to
 
 
 def pick_device(name: str | None) -> str:
@@ -208,7 +208,7 @@ def cmd_resume(args: argparse.Namespace) -> None:
 
 def cmd_layers(args: argparse.Namespace, config: Config) -> None:
     model = build_model(config)
-    freeze.param_groups(model, config, freeze.stages_before(config, args.epoch))
+    freeze.param_groups(model, config, freeze.stages_before(config, args.epoch + 1))
     print(freeze.layers_table(model))
 
 
@@ -226,7 +226,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
     train.add_argument("--resume", metavar="RUN", help="continue RUN from its last.ckpt")
     layers = commands.add_parser("layers", help="every parameter, and whether it trains")
-    layers.add_argument("--epoch", type=int, default=0, help="the freeze state when this epoch starts")
+    layers.add_argument("--epoch", type=int, default=0, help="the freeze state this epoch trains in")
     commands.add_parser("traps", help="each blog habit beside this project's code, with the numbers")
     return p
 

@@ -82,7 +82,7 @@ def trap_weight_decay(config: Config, loader: DataLoader) -> Row:
     model = fresh(config)
     frozen = [n for n, _ in model.named_parameters() if not n.startswith(HEAD + ".")]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     params = dict(model.named_parameters())
     one_epoch(model, optimizer, loader, lambda: [params[n].grad.zero_() for n in frozen])
     habit = change(before, model, frozen)
