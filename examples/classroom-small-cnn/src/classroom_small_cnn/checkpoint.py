@@ -103,8 +103,9 @@ def load_matching(
     "missing", "unused"} lists of names (and "skipped (first_n)": only the first
     first_n matches load, in the model's order). Must hold: no integer tensor
     into a float one; when what loads (after first_n) is under min_fraction of
-    the model's state_dict tensors, UserError before the model changes. Not the habit: load_state_dict(strict=False), which skips every
-    mismatch in silence ("module." keys: all of them).
+    the model's state_dict tensors, UserError before the model changes. Not
+    the habit: load_state_dict(strict=False), which skips every mismatch in
+    silence ("module." keys: all of them).
     """
     raise NotImplementedError("exercise 4: checkpoint.load_matching is not written yet")
 

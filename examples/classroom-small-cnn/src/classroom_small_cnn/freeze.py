@@ -88,10 +88,11 @@ class FixedStats:
         """Exercise 3: BatchNorm statistics that stay fixed.
 
         Whatever model.train() asks, keep this BatchNorm in eval mode through the
-        parent class (super(); self.eval() would call this method again), return self. Must hold: running_mean, running_var and
-        num_batches_tracked stay bit-identical through model.train() and a forward
-        pass. Not the habit: requires_grad=False or one bn.eval() before the loop;
-        the next model.train() brings training mode back, and the statistics drift.
+        parent class (super(): self.eval() would call this method again) and return
+        self. Must hold: running_mean, running_var and num_batches_tracked stay
+        bit-identical through model.train() and a forward pass. Not the habit:
+        requires_grad=False or one bn.eval() before the loop; the next model.train()
+        brings training mode back, and the statistics drift.
         """
         raise NotImplementedError("exercise 3: freeze.FixedStats.train is not written yet")
 
