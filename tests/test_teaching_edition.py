@@ -20,6 +20,7 @@ import yaml
 from scaffold.matrix import DIMENSIONS, run_tests
 from scaffold.render import render
 from tests.conftest import ROOT
+from tests.render_table import lines, longest_function
 
 EXTRA = {"timm": {"timm_model": "vit_tiny_patch16_224"}}
 
@@ -50,7 +51,7 @@ def code_shape(package: Path) -> dict:
     """What issue 28 limits: lines, files, train.py's length and where its step is, functions, imports."""
     files = {p.stem: p for p in package.glob("*.py")}
     train = files["train"].read_text().splitlines()
-    graph, longest, takes_config = {}, 0, set()
+    graph, takes_config = {}, set()
     for stem, path in files.items():
         tree = ast.parse(path.read_text())
         relative = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]
@@ -58,15 +59,14 @@ def code_shape(package: Path) -> dict:
         graph[stem] = {n.module or a.name for n in relative for a in n.names}
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef):
-                longest = max(longest, node.end_lineno - node.lineno + 1)
                 if any(ast.unparse(a.annotation or ast.Constant(None)) == "Config" for a in node.args.args):
                     takes_config.add(stem)
     return {
-        "lines": sum(len(p.read_text().splitlines()) for p in files.values()),
+        "lines": sum(map(lines, files.values())),
         "files": len(files),
         "train": len(train),
         "step": next(i for i, line in enumerate(train, 1) if ".backward(" in line),
-        "longest": longest,
+        "longest": longest_function(list(files.values()))[0],
         "graph": graph,
         # Where the config goes from fit: config.py defines it; traps is its own command, not on fit's path.
         "takes_config": takes_config - {"config", "traps"},

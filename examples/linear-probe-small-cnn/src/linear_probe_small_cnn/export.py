@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from .batchnorm import fold_batchnorm, plain_batchnorm
-from .checkpoint import atomic_path
+from .checkpoint import atomic_path, leftover_temps
 from .data import numbered_classes
 
 FORMATS = ("pt2", "onnx", "torchscript")
@@ -85,10 +84,8 @@ def make_room(out: Path, model: nn.Module) -> None:
     (no exception to catch), so the space is checked before, at 1.5x the
     model's tensors: both formats store them once, plus the program.
     """
-    stale = re.compile(re.escape(f".{out.name}.") + "[0-9a-f]" * 12 + re.escape(".tmp"))  # atomic_path's names only
-    for path in out.parent.glob(f".{out.name}.*.tmp"):
-        if stale.fullmatch(path.name) and path.is_file() and not path.is_symlink():
-            path.unlink()
+    for path in leftover_temps(out):
+        path.unlink()
     tensors = [*model.parameters(), *model.buffers()]
     needed = int(1.5 * sum(t.numel() * t.element_size() for t in tensors)) + 2**20
     free = shutil.disk_usage(out.parent).free
@@ -146,11 +143,7 @@ def _torchscript_writer(model: nn.Module, example: torch.Tensor, classes: str) -
         with quiet():
             torch.jit.save(traced, str(path), _extra_files={CLASSES_FILE: classes})
 
-    def run(path: Path) -> torch.Tensor:
-        with quiet():
-            return torch.jit.load(str(path))(example)
-
-    return write, run
+    return write, (lambda path: load_export(path, "torchscript")(example))
 
 
 # The suffixes predict runs as an export, and the format each one is.

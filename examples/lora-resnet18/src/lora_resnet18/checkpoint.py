@@ -74,16 +74,19 @@ def atomic_path(path: Path, before_replace: Callable[[Path], None] | None = None
         if isinstance(err, OSError):
             _raise_if_full(err, path)
         raise
-    fsync_folder(path.parent)
-
-
-def fsync_folder(folder: Path) -> None:
-    """A rename must reach the disk too, or a power cut can undo it."""
-    dir_fd = os.open(folder, os.O_RDONLY)
+    # The rename itself must reach the disk too, or a power cut can undo it.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def leftover_temps(path: Path) -> list[Path]:
+    """The temp files atomic_path made for `path` in processes killed before the rename: regular files only."""
+    named = re.compile(re.escape(f".{path.name}.") + "[0-9a-f]" * 12 + re.escape(".tmp"))  # token_hex(6)
+    candidates = path.parent.glob(f".{path.name}.*.tmp")
+    return [p for p in candidates if named.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
 
 
 def _raise_if_full(err: OSError, path: Path) -> None:
@@ -166,22 +169,19 @@ class RunFiles:
 
     def save(self, name: str, data: bytes, info: dict[str, Any]) -> None:
         """Write `data` to `folder/name` atomically and record it with `info` (epoch, metric, format)."""
-        digest = hashlib.sha256(data).hexdigest()
-        atomic_write(
-            self.folder / name, lambda f: f.write(data), lambda tmp: self._record(name, digest, len(data), info)
-        )
-        self.files[name].pop("replaces", None)
-        self._write()
 
-    def _record(self, name: str, digest: str, size: int, info: dict[str, Any]) -> None:
-        """The new file's entry, written ahead of its rename; it keeps the entry it replaces until then."""
-        entry = {"sha256": digest, "size": size, **info}
-        entry["torch"] = torch.__version__
-        entry["written"] = datetime.now(UTC).isoformat(timespec="seconds")
-        previous = self.files.get(name)
-        # None marks a file that did not exist: killed before the rename, it never will.
-        entry["replaces"] = None if previous is None else {k: v for k, v in previous.items() if k != "replaces"}
-        self.files[name] = entry
+        def record(tmp: Path) -> None:
+            entry = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), **info}
+            entry["torch"] = torch.__version__
+            entry["written"] = datetime.now(UTC).isoformat(timespec="seconds")
+            previous = self.files.get(name)
+            # None marks a file that did not exist: killed before the rename, it never will.
+            entry["replaces"] = None if previous is None else {k: v for k, v in previous.items() if k != "replaces"}
+            self.files[name] = entry
+            self._write()
+
+        atomic_write(self.folder / name, lambda f: f.write(data), before_replace=record)
+        self.files[name].pop("replaces", None)
         self._write()
 
     def remove(self, name: str) -> None:
