@@ -11,8 +11,10 @@ import torch
 from conftest import image_folder, small_config, to_toml
 
 from linear_probe_small_cnn.checkpoint import read_classes
-from linear_probe_small_cnn.cli import main
-from linear_probe_small_cnn.config import ConfigError
+from linear_probe_small_cnn.cli import main, trained_model
+from linear_probe_small_cnn.config import ConfigError, load_config
+from linear_probe_small_cnn.data import example_inputs
+from linear_probe_small_cnn.export import export
 from linear_probe_small_cnn.train import fit
 
 NUM_CLASSES = small_config().model.num_classes
@@ -76,6 +78,61 @@ def test_predict_on_an_export_gives_what_the_weights_give(trained, tmp_path, fmt
     assert [(r["path"], r["label"]) for r in rows["export"]] == [(r["path"], r["label"]) for r in rows["weights"]]
     for ours, theirs in zip(rows["export"], rows["weights"], strict=True):
         assert float(ours["probability"]) == pytest.approx(float(theirs["probability"]), abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def resized(tmp_path_factory):
+    """A run trained at an image size that is not the packaged config's, and its data."""
+    root = tmp_path_factory.mktemp("resized")
+    images = image_folder(root / "images", names=NAMES)
+    config = small_config()
+    config.train.image_size = load_config().train.image_size + 16
+    fit(config, root / "run", data=str(images), epochs=1, device="cpu")
+    return images, root / "run"
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx", "torchscript"])
+def test_an_export_outside_its_run_predicts_with_its_own_input_size_and_no_config(resized, tmp_path, fmt, capsys):
+    images, out = resized
+    weights, exported = str(out / "best.pt"), tmp_path / f"model.{fmt}"  # no config.toml beside it
+    assert main(["export", "--weights", weights, "--format", fmt, "--out", str(exported)]) == 0
+    tables = {"weights": tmp_path / "weights.csv", "export": tmp_path / "export.csv"}
+    for name, source in (("weights", weights), ("export", str(exported))):
+        args = ["predict", "--weights", source, str(images / "val"), "--top-k", "2", "--out", str(tables[name])]
+        assert main([*args, "--device", "cpu"]) == 0
+    rows = {name: list(csv.DictReader(open(path))) for name, path in tables.items()}
+    assert [(r["path"], r["label"]) for r in rows["export"]] == [(r["path"], r["label"]) for r in rows["weights"]]
+    for ours, theirs in zip(rows["export"], rows["weights"], strict=True):
+        assert float(ours["probability"]) == pytest.approx(float(theirs["probability"]), abs=1e-4)
+    # A config that says otherwise is refused, naming both values; the export's own record decides.
+    capsys.readouterr()
+    packaged = load_config().train.image_size
+    args = ["--set", f"train.image_size={packaged}", "predict", "--weights", str(exported), str(images / "val")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"train.image_size = {packaged + 16}" in err and f"gives {packaged}" in err and err.count("\n") == 1, err
+
+
+def test_an_export_without_a_preprocessing_record_runs_with_the_config_as_before(resized, tmp_path):
+    images, out = resized
+    config = load_config(out / "config.toml")
+    exported = tmp_path / "old.pt2"
+    model = trained_model(str(out / "best.pt"), config)
+    export(model, "pt2", exported, example_inputs(config, 2), classes=NAMES)  # no preprocessing: an older export
+    assert main(["--config", str(out / "config.toml"), "predict", "--weights", str(exported), str(images)]) == 0
+
+
+def test_predict_and_export_take_a_run_folder_and_options_after_the_command(trained, tmp_path, capsys):
+    images, out, config = trained
+    assert main(["predict", "--run", str(out), str(images / "val"), "--device", "cpu", *config]) == 0
+    assert "flower_" in capsys.readouterr().out
+    exported = tmp_path / "model.pt2"
+    assert main(["export", "--run", str(out), "--format", "pt2", "--out", str(exported), "--set", "train.seed=1"]) == 0
+    assert exported.is_file()
+    # --set before the command and after it both count: here the first one is refused.
+    args = ["--set", "train.image_size=48", "evaluate", "--run", str(out), "--set", "train.batch_size=4"]
+    assert main(args) == 2
+    assert "this config has 48" in capsys.readouterr().err
 
 
 def test_an_unreadable_image_is_named_and_skipped_and_the_exit_status_says_so(trained, tmp_path, capsys):

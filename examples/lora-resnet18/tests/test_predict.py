@@ -62,6 +62,16 @@ def test_predict_agrees_with_evaluate(trained, tmp_path, capsys):
         assert first["label"] in NAMES and first["label"] != second["label"]
 
 
+def test_predict_and_export_take_a_run_folder_and_options_after_the_command(trained, tmp_path, capsys):
+    images, out, config = trained
+    assert main(["predict", "--run", str(out), str(images / "val"), "--device", "cpu", *config]) == 0
+    assert "flower_" in capsys.readouterr().out
+    # --set before the command and after it both count: here the first one is refused.
+    args = ["--set", "train.image_size=48", "evaluate", "--run", str(out), "--set", "train.batch_size=4"]
+    assert main(args) == 2
+    assert "this config has 48" in capsys.readouterr().err
+
+
 def test_an_unreadable_image_is_named_and_skipped_and_the_exit_status_says_so(trained, tmp_path, capsys):
     images, out, config = trained
     folder = tmp_path / "new"

@@ -245,3 +245,41 @@ def test_an_edited_split_is_refused_on_resume(tmp_path, config, capsys):
     assert main(["train", "--resume", str(out)]) == 2
     err = capsys.readouterr().err
     assert "an edited split.json" in err and err.count("\n") == 1, err
+
+
+def config_leaving_the_count(tmp_path: Path, config) -> list[str]:
+    """--config of `config` without model.num_classes: what a user who never edited the count passes."""
+    path = tmp_path / "no_count.toml"
+    path.write_text("".join(line for line in to_toml(config).splitlines(True) if not line.startswith("num_classes")))
+    return ["--config", str(path)]
+
+
+def test_train_takes_the_folder_s_class_count_when_no_config_gives_it(tmp_path, config, capsys):
+    count = config.model.num_classes + 1  # not the packaged count
+    root = image_folder(tmp_path / "images", classes=count)
+    given, out = config_leaving_the_count(tmp_path, config), tmp_path / "run"
+    epochs = ["--epochs", "2", "--stop-after", "1"]
+    assert main([*given, "train", "--data", str(root), *epochs, "--out", str(out), "--device", "cpu"]) == 0
+    # The run records the count it used: evaluate (and predict, export, resume) build the same head.
+    assert f"num_classes = {count}\n" in (out / "config.toml").read_text()
+    assert main(["evaluate", "--run", str(out), "--device", "cpu"]) == 0
+    lr_find = ["lr-find", "--data", str(root), "--out", str(tmp_path / "lr"), "--steps", "20", "--device", "cpu"]
+    assert main([*given, *lr_find]) == 0
+    # A resume with a --config that leaves the count out trains on with the run's.
+    assert main([*given, "train", "--resume", str(out), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    # A count the user gives is kept, and a folder that disagrees is refused in one line naming both.
+    explicit = [*given, "--set", f"model.num_classes={count + 1}", "train", "--data", str(root)]
+    assert main([*explicit, "--out", str(tmp_path / "other"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"has {count} classes but the model has num_classes = {count + 1}" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_folder_of_one_class_is_one_line_before_anything_is_written(tmp_path, config, capsys):
+    root = image_folder(tmp_path / "images", classes=1)
+    args = [*config_leaving_the_count(tmp_path, config), "train", "--data", str(root), "--out", str(tmp_path / "run")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds only" in err and "a classifier needs 2 or more" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()

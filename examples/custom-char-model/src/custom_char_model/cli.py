@@ -73,14 +73,7 @@ def at_least_one(text: str) -> int:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="custom_char_model", description=__doc__)
-    parser.add_argument("--config", help="TOML file overriding the packaged config.toml")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one key after --config; the value is TOML (--set train.lr=3e-4); repeatable",
-    )
+    add_config_options(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     layers = commands.add_parser("layers", help="list children, modules and parameters with their freeze state")
@@ -101,7 +94,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_inference_commands(commands)
 
     ex = commands.add_parser("export", help="export saved weights for inference and check them against eager")
-    ex.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt")
+    add_weights_source(ex, "best.pt, best.safetensors or last.ckpt")
     ex.add_argument("--format", required=True, choices=FORMATS)
     ex.add_argument("--out", required=True, help="file to write")
     ex.add_argument(
@@ -110,15 +103,38 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     plot = commands.add_parser("plot", help="draw a run folder's metrics.csv as DIR/curves.png")
     plot.add_argument("dir", help="run folder")
+    for command in commands.choices.values():
+        add_config_options(command, after_command=True)
     return parser
+
+
+def add_config_options(parser: argparse.ArgumentParser, after_command: bool = False) -> None:
+    """--config and --set, before the command or after it (config_source merges the --set lists)."""
+    # After the command the defaults are left unset, so the values given before it stay.
+    parser.add_argument(
+        "--config", default=argparse.SUPPRESS if after_command else None, help="TOML file over the packaged config.toml"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        dest="set_after" if after_command else "set",
+        default=argparse.SUPPRESS if after_command else [],
+        metavar="SECTION.KEY=VALUE",
+        help="override one key after --config; the value is TOML (--set train.lr=3e-4); repeatable",
+    )
+
+
+def add_weights_source(parser: argparse.ArgumentParser, weights_help: str) -> None:
+    """--weights FILE or --run RUN, one of them: what evaluate and export read."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", help=weights_help)
+    source.add_argument("--run", help="a run folder: its best weights and, without --config, its config.toml")
 
 
 def add_inference_commands(commands: argparse._SubParsersAction) -> None:
     """evaluate: what saved weights do."""
     ev = commands.add_parser("evaluate", help="loss and accuracy of saved weights")
-    source = ev.add_mutually_exclusive_group(required=True)
-    source.add_argument("--weights", help="best.pt, best.safetensors or last.ckpt")
-    source.add_argument("--run", help="a run folder: its best weights and, without --config, its config.toml")
+    add_weights_source(ev, "best.pt, best.safetensors or last.ckpt")
     ev.add_argument("--data", help=f"default: the data the run trained on (its data.json), else {DEFAULT_DATA}")
     ev.add_argument("--device")
     ev.add_argument("--out", help="folder to write per_class.csv and confusion.csv (and confusion.png) into")
@@ -327,7 +343,7 @@ def check_run_config(weights: str, config: Config) -> None:
 
 
 def run_weights(run: Path) -> Path:
-    """The weights `evaluate --run` reads: the best file, else the last checkpoint."""
+    """The weights `--run` reads: the best file, else the last checkpoint."""
     for name in ("best.safetensors", "best.pt", "last.ckpt"):
         if (run / name).is_file():
             return run / name
@@ -350,8 +366,6 @@ def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
     device = pick_device(args.device)
     if args.out is not None:
         check_destination(Path(args.out), "--out", folder=True)
-    if args.run is not None:
-        args.weights = str(run_weights(Path(args.run)))
     model = trained_model(args.weights, config)
     args.data, recorded = run_data(args.weights, args.data)
     train_set, val_set = make_datasets(args.data, config)
@@ -390,14 +404,23 @@ def cmd_plot(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def config_source(args: argparse.Namespace) -> tuple[str | Path | None, list[str]]:
+    """The config file to load and the --set overrides (those before the command, then those after it)."""
+    args.set = args.set + getattr(args, "set_after", [])
+    return run_config(args), args.set
+
+
 def run_config(args: argparse.Namespace) -> str | Path | None:
-    """--config, else the config.toml of the run that saved the weights: they run as they were trained."""
-    weights = getattr(args, "weights", None) if args.command in ("evaluate", "predict", "export") else None
-    if args.command == "evaluate" and args.run is not None:
-        weights = str(Path(args.run) / "config.toml")
-    if args.config is not None or weights is None or not (Path(weights).parent / "config.toml").is_file():
+    """--config, else the config.toml of the run that saved the weights: they run as they were trained.
+
+    --run RUN becomes --weights (the run's best file) here, for every command that reads weights.
+    """
+    if args.command not in ("evaluate", "export"):
         return args.config
-    return Path(weights).parent / "config.toml"
+    if args.run is not None:
+        args.weights = str(run_weights(Path(args.run)))
+    saved = Path(args.weights).parent / "config.toml"
+    return args.config if args.config is not None or not saved.is_file() else saved
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -412,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plot": cmd_plot,
     }
     try:
-        config = load_config(run_config(args), args.set)
+        config = load_config(*config_source(args))
         return commands[args.command](args, config)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

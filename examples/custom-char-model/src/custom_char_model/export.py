@@ -3,9 +3,13 @@
 Every format is written atomically, loaded back and run on the same batch of
 2 as the eager model; the largest difference is printed, and an export that
 does not reproduce the model is an error rather than a file you find out
-about in production. Each file carries the class names, as a JSON list:
-pt2 and torchscript in an extra file `classes.json`, onnx in the model's
-metadata_props under `classes` (export_classes reads any of them).
+about in production. Each file carries the class names, as a JSON list,
+and for an image model how to prepare its input (the image size, resize,
+centre crop, interpolation, mean and std it was trained with), as a JSON
+object: pt2 and torchscript in extra files `classes.json` and
+`preprocessing.json`, onnx in the model's metadata_props under `classes`
+and `preprocessing` (export_records reads any of them). predict runs an
+export with its own records, so it needs no config.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from .checkpoint import atomic_path, leftover_temps
 from .data import numbered_classes
 
 FORMATS = ("pt2", "onnx", "torchscript")
-# The name of the class list inside a pt2 or torchscript file.
+# The names of the records inside a pt2 or torchscript file; onnx keys drop the ".json".
 CLASSES_FILE = "classes.json"
+PREPROCESSING_FILE = "preprocessing.json"
+RECORDS = (CLASSES_FILE, PREPROCESSING_FILE)
 # fp32 kernels of one model differ in summation order between runtimes; more
 # than this on logits means the export computes something else.
 TOLERANCE = 1e-3
@@ -43,6 +49,7 @@ def export(
     example: torch.Tensor,
     fold_bn: bool = False,
     classes: list[str] | None = None,
+    preprocessing: dict | None = None,
 ) -> float:
     """Write `model` to `out` as `fmt`, traced on `example`; return the max abs difference to eager.
 
@@ -51,7 +58,7 @@ def export(
     that follows a convolution into it. The difference is measured against
     the model as given, so a wrong fold fails like a wrong export. The file
     is checked while it is still a temp file: a failed check leaves an earlier
-    `out` as it was.
+    `out` as it was. `preprocessing`, when given, is recorded for predict.
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -63,8 +70,10 @@ def export(
         expected = model(example)
         if fold_bn:
             fold_batchnorm(model)
-        names = classes or numbered_classes(expected.shape[1])
-        write, run = _writer(model, fmt, example, json.dumps(names))
+        records = {CLASSES_FILE: json.dumps(classes or numbered_classes(expected.shape[1]))}
+        if preprocessing is not None:
+            records[PREPROCESSING_FILE] = json.dumps(preprocessing)
+        write, run = _writer(model, fmt, example, records)
 
         def check(tmp: Path) -> None:
             error = (run(tmp) - expected).abs().max().item()
@@ -96,7 +105,7 @@ def make_room(out: Path, model: nn.Module) -> None:
         )
 
 
-def _writer(model: nn.Module, fmt: str, example: torch.Tensor, classes: str) -> tuple[Callable, Callable]:
+def _writer(model: nn.Module, fmt: str, example: torch.Tensor, records: dict) -> tuple[Callable, Callable]:
     """(write the export to a path, run the file at a path on `example`) for one format."""
     # Batch size stays free in the exported graph; everything else is fixed.
     batch = torch.export.Dim("batch", min=1)
@@ -106,33 +115,40 @@ def _writer(model: nn.Module, fmt: str, example: torch.Tensor, classes: str) -> 
         def write(path: Path) -> None:
             # Through a file object: torch logs a warning for a path not ending in .pt2, as a temp file's does not.
             with open(path, "wb") as f:
-                torch.export.save(program, f, extra_files={CLASSES_FILE: classes})
+                torch.export.save(program, f, extra_files=records)
 
         return write, (lambda path: load_export(path, "pt2")(example))
     if fmt == "torchscript":
-        return _torchscript_writer(model, example, classes)
-    return _onnx_writer(model, example, {0: batch}, classes)
+        return _torchscript_writer(model, example, records)
+    return _onnx_writer(model, example, {0: batch}, records)
 
 
-def export_classes(path: str | Path) -> list[str]:
-    """The class names an export carries, by its suffix (.pt2, .onnx, else torchscript)."""
+def export_records(path: str | Path) -> dict:
+    """The records an export carries (classes.json, preprocessing.json), as JSON data; an older export lacks some."""
     path = Path(path)
-    found = {CLASSES_FILE: ""}
+    found = dict.fromkeys(RECORDS, "")
     if path.suffix == ".pt2":
         torch.export.load(path, extra_files=found)
     elif path.suffix == ".onnx":
         import onnx
 
-        found[CLASSES_FILE] = {p.key: p.value for p in onnx.load(str(path)).metadata_props}.get("classes", "")
+        props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        found = {name: props.get(name.removesuffix(".json"), "") for name in RECORDS}
     else:
         with warnings.catch_warnings(action="ignore", category=FutureWarning):
             torch.jit.load(str(path), _extra_files=found)
-    if not found[CLASSES_FILE]:
+    return {name: json.loads(text) for name, text in found.items() if text}
+
+
+def export_classes(path: str | Path) -> list[str]:
+    """The class names an export carries, by its suffix (.pt2, .onnx, else torchscript)."""
+    classes = export_records(path).get(CLASSES_FILE)
+    if not classes:
         raise ExportError(f"{path} carries no class names")
-    return json.loads(found[CLASSES_FILE])
+    return classes
 
 
-def _torchscript_writer(model: nn.Module, example: torch.Tensor, classes: str) -> tuple[Callable, Callable]:
+def _torchscript_writer(model: nn.Module, example: torch.Tensor, records: dict) -> tuple[Callable, Callable]:
     # TorchScript is deprecated in torch, and each of its calls says so; it is
     # here for runtimes that still read only it. Prefer pt2.
     quiet = functools.partial(warnings.catch_warnings, action="ignore", category=FutureWarning)
@@ -141,7 +157,7 @@ def _torchscript_writer(model: nn.Module, example: torch.Tensor, classes: str) -
 
     def write(path: Path) -> None:
         with quiet():
-            torch.jit.save(traced, str(path), _extra_files={CLASSES_FILE: classes})
+            torch.jit.save(traced, str(path), _extra_files=records)
 
     return write, (lambda path: load_export(path, "torchscript")(example))
 
@@ -182,7 +198,7 @@ def _onnx_packages() -> None:
         ) from None
 
 
-def _onnx_writer(model: nn.Module, example: torch.Tensor, dims: dict, classes: str) -> tuple[Callable, Callable]:
+def _onnx_writer(model: nn.Module, example: torch.Tensor, dims: dict, records: dict) -> tuple[Callable, Callable]:
     _onnx_packages()
     import onnx
 
@@ -194,7 +210,7 @@ def _onnx_writer(model: nn.Module, example: torch.Tensor, dims: dict, classes: s
     def write(path: Path) -> None:
         program.save(str(path))
         saved = onnx.load(str(path))
-        onnx.helper.set_model_props(saved, {"classes": classes})
+        onnx.helper.set_model_props(saved, {name.removesuffix(".json"): text for name, text in records.items()})
         onnx.save(saved, str(path))
 
     return write, run

@@ -307,6 +307,7 @@ def start_run(config: Config | None, asked: Asked) -> Run:
     # The run's own copy, with the epochs it plans for: what the checkpoints record.
     config = copy.deepcopy(config)
     config.train.epochs = config.train.epochs if asked.epochs is None else asked.epochs
+    data = asked.data or (checkpoint or {}).get("data", {}).get("data") or DEFAULT_DATA
     check_config(config, world, dev)
     out = asked.out or out
     if out is None:
@@ -328,7 +329,6 @@ def start_run(config: Config | None, asked: Asked) -> Run:
         sync_bn=config.train.sync_bn and world.distributed,
         freeze_from=asked.freeze_from,
     )
-    data = asked.data or (checkpoint or {}).get("data", {}).get("data") or DEFAULT_DATA
     run = Run(config, data, config.train.epochs, Path(out), model, state, dev, world)
     run.stages = parse_stages(config.unfreeze.stages)
     run.checkpoint, run.resumed_from = checkpoint, resume

@@ -20,21 +20,32 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointError, read_classes, read_state_dict, verify_in_run
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, given_keys, load_config
 from .data import (
     DEFAULT_DATA,
     DataError,
     class_names,
+    count_classes_from,
     data_record,
     example_inputs,
     make_datasets,
     numbered_classes,
+    preprocessing_record,
     same_data,
     saved_split,
 )
 from .distributed import stop
 from .evaluation import confusion_matrix, finite_or_null, report, table, write_report
-from .export import EXPORT_SUFFIXES, FORMATS, ExportError, export, export_classes, load_export
+from .export import (
+    CLASSES_FILE,
+    EXPORT_SUFFIXES,
+    FORMATS,
+    PREPROCESSING_FILE,
+    ExportError,
+    export,
+    export_records,
+    load_export,
+)
 from .freeze import FreezeSpecError
 from .integrity import IntegrityError
 from .layers import format_layer_table, layer_table, parse_spec, spec_report
@@ -77,14 +88,7 @@ def at_least_one(text: str) -> int:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linear_probe_small_cnn", description=__doc__)
-    parser.add_argument("--config", help="TOML file overriding the packaged config.toml")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one key after --config; the value is TOML (--set train.lr=3e-4); repeatable",
-    )
+    add_config_options(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     layers = commands.add_parser("layers", help="list children, modules and parameters with their freeze state")
@@ -105,7 +109,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_inference_commands(commands)
 
     ex = commands.add_parser("export", help="export saved weights for inference and check them against eager")
-    ex.add_argument("--weights", required=True, help="best.pt, best.safetensors or last.ckpt")
+    add_weights_source(ex, "best.pt, best.safetensors or last.ckpt")
     ex.add_argument("--format", required=True, choices=FORMATS)
     ex.add_argument("--out", required=True, help="file to write")
     ex.add_argument(
@@ -114,25 +118,47 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     plot = commands.add_parser("plot", help="draw a run folder's metrics.csv as DIR/curves.png")
     plot.add_argument("dir", help="run folder")
+    for command in commands.choices.values():
+        add_config_options(command, after_command=True)
     return parser
+
+
+def add_config_options(parser: argparse.ArgumentParser, after_command: bool = False) -> None:
+    """--config and --set, before the command or after it (config_source merges the --set lists)."""
+    # After the command the defaults are left unset, so the values given before it stay.
+    parser.add_argument(
+        "--config", default=argparse.SUPPRESS if after_command else None, help="TOML file over the packaged config.toml"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        dest="set_after" if after_command else "set",
+        default=argparse.SUPPRESS if after_command else [],
+        metavar="SECTION.KEY=VALUE",
+        help="override one key after --config; the value is TOML (--set train.lr=3e-4); repeatable",
+    )
+
+
+def add_weights_source(parser: argparse.ArgumentParser, weights_help: str) -> None:
+    """--weights FILE or --run RUN, one of them: what evaluate, predict and export read."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", help=weights_help)
+    source.add_argument("--run", help="a run folder: its best weights and, without --config, its config.toml")
 
 
 def add_inference_commands(commands: argparse._SubParsersAction) -> None:
     """evaluate and predict: what saved weights do."""
     ev = commands.add_parser("evaluate", help="loss and accuracy of saved weights")
-    source = ev.add_mutually_exclusive_group(required=True)
-    source.add_argument("--weights", help="best.pt, best.safetensors or last.ckpt")
-    source.add_argument("--run", help="a run folder: its best weights and, without --config, its config.toml")
+    add_weights_source(ev, "best.pt, best.safetensors or last.ckpt")
     ev.add_argument("--data", help=f"default: the data the run trained on (its data.json), else {DEFAULT_DATA}")
     ev.add_argument("--device")
     ev.add_argument("--out", help="folder to write per_class.csv and confusion.csv (and confusion.png) into")
     ev.add_argument("--json", action="store_true", help="print the report as one JSON object, for scripts")
 
     pr = commands.add_parser("predict", help="classify image files or folders with saved weights")
-    pr.add_argument(
-        "--weights",
-        required=True,
-        help="best.pt, best.safetensors or last.ckpt, or a .pt2 or .onnx export; class names come with it",
+    add_weights_source(
+        pr,
+        "best.pt, best.safetensors or last.ckpt, or a .pt2, .onnx or TorchScript export; class names come with it",
     )
     pr.add_argument("paths", nargs="+", metavar="PATH", help="an image file, or a folder searched recursively")
     pr.add_argument("--top-k", type=at_least_one, default=1, help="the K most probable classes of each image")
@@ -214,6 +240,8 @@ def cmd_train(args: argparse.Namespace, config: Config) -> int:
         "device": args.device,
         "freeze_from": args.freeze_from,
         "overwrite": args.overwrite,
+        # The folder's class count decides unless the user gave one (README "Data").
+        "count_classes": "model.num_classes" not in given_keys(args.config, args.set),
     }
     with signals_unwind() as received:
         try:
@@ -257,6 +285,8 @@ def fit_together(config: Config | None, out: str | None, options: dict) -> None:
 
 
 def cmd_lr_find(args: argparse.Namespace, config: Config) -> int:
+    if "model.num_classes" not in given_keys(args.config, args.set):
+        count_classes_from(args.data, config)  # as train counts them: the head and groups train would have
     out, sweep_range = Path(args.out), (args.start, args.end, args.steps)
     check_request(out, sweep_range, args.stage, config, args.overwrite)
     device = pick_device(args.device)
@@ -346,7 +376,7 @@ def check_run_config(weights: str, config: Config) -> None:
 
 
 def run_weights(run: Path) -> Path:
-    """The weights `evaluate --run` reads: the best file, else the last checkpoint."""
+    """The weights `--run` reads: the best file, else the last checkpoint."""
     for name in ("best.safetensors", "best.pt", "last.ckpt"):
         if (run / name).is_file():
             return run / name
@@ -369,8 +399,6 @@ def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
     device = pick_device(args.device)
     if args.out is not None:
         check_destination(Path(args.out), "--out", folder=True)
-    if args.run is not None:
-        args.weights = str(run_weights(Path(args.run)))
     model = trained_model(args.weights, config)
     args.data, recorded = run_data(args.weights, args.data)
     # A one-folder dataset validates on the split the weights were trained with.
@@ -399,7 +427,10 @@ def cmd_export(args: argparse.Namespace, config: Config) -> int:
     check_destination(Path(args.out), "--out", folder=False)
     model = trained_model(args.weights, config)
     classes = read_classes(args.weights)
-    error = export(model, args.format, args.out, example_inputs(config, 2), fold_bn=args.fold_bn, classes=classes)
+    # What predict needs to run the file without a config: the input size and preprocessing this run used.
+    prep = preprocessing_record(config.train.image_size)
+    example = example_inputs(config, 2)
+    error = export(model, args.format, args.out, example, fold_bn=args.fold_bn, classes=classes, preprocessing=prep)
     folded = " (BatchNorm folded into convolutions)" if args.fold_bn else ""
     print(f"wrote {args.out} ({args.format}){folded}; max abs difference to eager on a batch of 2: {error:.3g}")
     return 0
@@ -410,21 +441,49 @@ def cmd_plot(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def predict_model(weights: str, config: Config, device: torch.device) -> tuple[Callable, list[str]]:
-    """The model predict runs, and its class names: trained weights, or a .pt2, .onnx or TorchScript export."""
+def predict_model(
+    weights: str, config: Config, given: set[str], device: torch.device
+) -> tuple[Callable, list[str], dict]:
+    """The model predict runs, its classes and preprocessing: trained weights, or a .pt2, .onnx or TorchScript export.
+
+    An export brings its own input size and preprocessing; `given` are the
+    config keys the user set, which may not contradict them.
+    """
     if Path(weights).suffix not in EXPORT_SUFFIXES:
-        return trained_model(weights, config).to(device).eval(), weights_classes(weights, config)
+        model = trained_model(weights, config).to(device).eval()
+        return model, weights_classes(weights, config), preprocessing_record(config.train.image_size)
     if device.type != "cpu":
         raise ConfigError(f"--device {device}: an export runs on the CPU, where export checked it")
-    check_run_config(weights, config)  # its input size is fixed: the config must be the one it was trained with
     if not Path(weights).is_file():
         raise CheckpointError(f"{weights}: no such file")
     try:
-        return load_export(weights), export_classes(weights)
+        model, records = load_export(weights), export_records(weights)
     except ExportError:
         raise
     except Exception as err:  # noqa: BLE001 - torch.export and onnxruntime raise many types for a bad file
         raise CheckpointError(f"{weights} is not an export this project can run: {type(err).__name__}: {err}") from None
+    classes, prep = records.get(CLASSES_FILE), records.get(PREPROCESSING_FILE)
+    if not isinstance(classes, list) or not classes:
+        raise ExportError(f"{weights} carries no class names")
+    if prep is None:
+        # An export from before exports recorded their input: the config says it, as the run's did.
+        check_run_config(weights, config)
+        return model, classes, preprocessing_record(config.train.image_size)
+    check_export_config(weights, prep, len(classes), config, given)
+    return model, classes, prep
+
+
+def check_export_config(weights: str, prep: object, num_classes: int, config: Config, given: set[str]) -> None:
+    """The export's own record decides; a --config or --set value that contradicts it is one line naming both."""
+    needed = {"image_size", "mean", "std", "interpolation", "crop_fraction"}
+    if not isinstance(prep, dict) or not needed <= prep.keys():
+        raise ExportError(f"{weights}: its {PREPROCESSING_FILE} lacks one of {', '.join(sorted(needed))}")
+    recorded = {"train.image_size": prep["image_size"], "model.num_classes": num_classes}
+    for key, value in recorded.items():
+        section, _, name = key.partition(".")
+        asked = getattr(getattr(config, section), name)
+        if key in given and asked != value:
+            raise ConfigError(f"{weights} was exported with {key} = {value!r}; --config or --set gives {asked!r}")
 
 
 def weights_classes(weights: str, config: Config) -> list[str]:
@@ -439,13 +498,13 @@ def cmd_predict(args: argparse.Namespace, config: Config) -> int:
     device = pick_device(args.device)
     if args.out is not None:
         check_destination(Path(args.out), "--out", folder=False)
-    model, classes = predict_model(args.weights, config, device)
+    model, classes, prep = predict_model(args.weights, config, given_keys(args.config, args.set), device)
     if args.top_k > len(classes):
         raise ConfigError(f"--top-k {args.top_k}: the model has {len(classes)} classes")
     files = image_files(args.paths)
     workers = predict_workers(config.train.num_workers)
     batch = args.batch_size or config.train.batch_size
-    rows, skipped = predict(model, files, classes, config.train.image_size, args.top_k, batch, device, workers)
+    rows, skipped = predict(model, files, classes, prep, args.top_k, batch, device, workers)
     if args.out:
         write_predictions(Path(args.out), rows)
         print(f"wrote {args.out}: {len(files) - len(skipped)} images, top {args.top_k} each")
@@ -457,14 +516,23 @@ def cmd_predict(args: argparse.Namespace, config: Config) -> int:
     return 1 if skipped else 0
 
 
+def config_source(args: argparse.Namespace) -> tuple[str | Path | None, list[str]]:
+    """The config file to load and the --set overrides (those before the command, then those after it)."""
+    args.set = args.set + getattr(args, "set_after", [])
+    return run_config(args), args.set
+
+
 def run_config(args: argparse.Namespace) -> str | Path | None:
-    """--config, else the config.toml of the run that saved the weights: they run as they were trained."""
-    weights = getattr(args, "weights", None) if args.command in ("evaluate", "predict", "export") else None
-    if args.command == "evaluate" and args.run is not None:
-        weights = str(Path(args.run) / "config.toml")
-    if args.config is not None or weights is None or not (Path(weights).parent / "config.toml").is_file():
+    """--config, else the config.toml of the run that saved the weights: they run as they were trained.
+
+    --run RUN becomes --weights (the run's best file) here, for every command that reads weights.
+    """
+    if args.command not in ("evaluate", "predict", "export"):
         return args.config
-    return Path(weights).parent / "config.toml"
+    if args.run is not None:
+        args.weights = str(run_weights(Path(args.run)))
+    saved = Path(args.weights).parent / "config.toml"
+    return args.config if args.config is not None or not saved.is_file() else saved
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -480,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plot": cmd_plot,
     }
     try:
-        config = load_config(run_config(args), args.set)
+        config = load_config(*config_source(args))
         return commands[args.command](args, config)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

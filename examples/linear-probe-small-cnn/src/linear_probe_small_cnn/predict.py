@@ -58,9 +58,9 @@ def predict_workers(setting: int | str) -> int:
 class ImageFiles(Dataset):
     """Each file as a tensor, or the line saying why it does not open."""
 
-    def __init__(self, files: list[Path], image_size: int) -> None:
+    def __init__(self, files: list[Path], prep: dict) -> None:
         self.files = files
-        self.transform = image_transforms(image_size, augment=False)[1]
+        self.transform = image_transforms(prep["image_size"], augment=False, prep=prep)[1]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -85,7 +85,7 @@ def predict(
     model: Callable[[torch.Tensor], torch.Tensor],
     files: list[Path],
     classes: list[str],
-    image_size: int,
+    prep: dict,
     top_k: int,
     batch_size: int,
     device: torch.device,
@@ -93,9 +93,10 @@ def predict(
 ) -> tuple[list[dict], list[str]]:
     """The top_k (label, probability) rows of every image, and a line for each one skipped.
 
-    `model` is a model in eval mode, or an export that load_export ran.
+    `model` is a model in eval mode, or an export that load_export ran;
+    `prep` is how to prepare its images (data.preprocessing_record, or the export's).
     """
-    loader = DataLoader(ImageFiles(files, image_size), batch_size=batch_size, collate_fn=collate, num_workers=workers)
+    loader = DataLoader(ImageFiles(files, prep), batch_size=batch_size, collate_fn=collate, num_workers=workers)
     rows: list[dict] = []
     skipped: list[str] = []
     for inputs, indices, bad in loader:

@@ -19,14 +19,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointError, read_classes, read_state_dict, verify_in_run
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, given_keys, load_config
 from .data import (
     DEFAULT_DATA,
     DataError,
     class_names,
+    count_classes_from,
     data_record,
     make_datasets,
     numbered_classes,
+    preprocessing_record,
     same_data,
     saved_split,
 )
@@ -72,14 +74,7 @@ def at_least_one(text: str) -> int:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora_resnet18", description=__doc__)
-    parser.add_argument("--config", help="TOML file overriding the packaged config.toml")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one key after --config; the value is TOML (--set train.lr=3e-4); repeatable",
-    )
+    add_config_options(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     layers = commands.add_parser("layers", help="list children, modules and parameters with their freeze state")
@@ -98,25 +93,47 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_lr_find_command(commands)
 
     add_inference_commands(commands)
+    for command in commands.choices.values():
+        add_config_options(command, after_command=True)
     return parser
+
+
+def add_config_options(parser: argparse.ArgumentParser, after_command: bool = False) -> None:
+    """--config and --set, before the command or after it (config_source merges the --set lists)."""
+    # After the command the defaults are left unset, so the values given before it stay.
+    parser.add_argument(
+        "--config", default=argparse.SUPPRESS if after_command else None, help="TOML file over the packaged config.toml"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        dest="set_after" if after_command else "set",
+        default=argparse.SUPPRESS if after_command else [],
+        metavar="SECTION.KEY=VALUE",
+        help="override one key after --config; the value is TOML (--set train.lr=3e-4); repeatable",
+    )
+
+
+def add_weights_source(parser: argparse.ArgumentParser, weights_help: str) -> None:
+    """--weights FILE or --run RUN, one of them: what evaluate, predict read."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", help=weights_help)
+    source.add_argument("--run", help="a run folder: its best weights and, without --config, its config.toml")
 
 
 def add_inference_commands(commands: argparse._SubParsersAction) -> None:
     """evaluate and predict: what saved weights do."""
     ev = commands.add_parser("evaluate", help="loss and accuracy of saved weights")
-    source = ev.add_mutually_exclusive_group(required=True)
-    source.add_argument("--weights", help="best.pt, best.safetensors or last.ckpt")
-    source.add_argument("--run", help="a run folder: its best weights and, without --config, its config.toml")
+    add_weights_source(ev, "best.pt, best.safetensors or last.ckpt")
     ev.add_argument("--data", help=f"default: the data the run trained on (its data.json), else {DEFAULT_DATA}")
     ev.add_argument("--device")
     ev.add_argument("--out", help="folder to write per_class.csv and confusion.csv into")
     ev.add_argument("--json", action="store_true", help="print the report as one JSON object, for scripts")
 
     pr = commands.add_parser("predict", help="classify image files or folders with saved weights")
-    pr.add_argument(
-        "--weights",
-        required=True,
-        help="best.pt, best.safetensors or last.ckpt; class names come with it",
+    add_weights_source(
+        pr,
+        "best.pt, best.safetensors or last.ckpt; class names come with it",
     )
     pr.add_argument("paths", nargs="+", metavar="PATH", help="an image file, or a folder searched recursively")
     pr.add_argument("--top-k", type=at_least_one, default=1, help="the K most probable classes of each image")
@@ -201,6 +218,8 @@ def cmd_train(args: argparse.Namespace, config: Config) -> int:
         "device": args.device,
         "freeze_from": args.freeze_from,
         "overwrite": args.overwrite,
+        # The folder's class count decides unless the user gave one (README "Data").
+        "count_classes": "model.num_classes" not in given_keys(args.config, args.set),
     }
     with signals_unwind() as received:
         try:
@@ -234,6 +253,8 @@ def signals_unwind() -> Iterator[list[int]]:
 
 
 def cmd_lr_find(args: argparse.Namespace, config: Config) -> int:
+    if "model.num_classes" not in given_keys(args.config, args.set):
+        count_classes_from(args.data, config)  # as train counts them: the head and groups train would have
     out, sweep_range = Path(args.out), (args.start, args.end, args.steps)
     check_request(out, sweep_range, args.stage, config, args.overwrite)
     device = pick_device(args.device)
@@ -326,7 +347,7 @@ def check_run_config(weights: str, config: Config) -> None:
 
 
 def run_weights(run: Path) -> Path:
-    """The weights `evaluate --run` reads: the best file, else the last checkpoint."""
+    """The weights `--run` reads: the best file, else the last checkpoint."""
     for name in ("best.safetensors", "best.pt", "last.ckpt"):
         if (run / name).is_file():
             return run / name
@@ -349,8 +370,6 @@ def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
     device = pick_device(args.device)
     if args.out is not None:
         check_destination(Path(args.out), "--out", folder=True)
-    if args.run is not None:
-        args.weights = str(run_weights(Path(args.run)))
     model = trained_model(args.weights, config)
     args.data, recorded = run_data(args.weights, args.data)
     # A one-folder dataset validates on the split the weights were trained with.
@@ -387,12 +406,13 @@ def cmd_predict(args: argparse.Namespace, config: Config) -> int:
     if args.out is not None:
         check_destination(Path(args.out), "--out", folder=False)
     model, classes = trained_model(args.weights, config).to(device).eval(), weights_classes(args.weights, config)
+    prep = preprocessing_record(config.train.image_size)
     if args.top_k > len(classes):
         raise ConfigError(f"--top-k {args.top_k}: the model has {len(classes)} classes")
     files = image_files(args.paths)
     workers = predict_workers(config.train.num_workers)
     batch = args.batch_size or config.train.batch_size
-    rows, skipped = predict(model, files, classes, config.train.image_size, args.top_k, batch, device, workers)
+    rows, skipped = predict(model, files, classes, prep, args.top_k, batch, device, workers)
     if args.out:
         write_predictions(Path(args.out), rows)
         print(f"wrote {args.out}: {len(files) - len(skipped)} images, top {args.top_k} each")
@@ -404,14 +424,23 @@ def cmd_predict(args: argparse.Namespace, config: Config) -> int:
     return 1 if skipped else 0
 
 
+def config_source(args: argparse.Namespace) -> tuple[str | Path | None, list[str]]:
+    """The config file to load and the --set overrides (those before the command, then those after it)."""
+    args.set = args.set + getattr(args, "set_after", [])
+    return run_config(args), args.set
+
+
 def run_config(args: argparse.Namespace) -> str | Path | None:
-    """--config, else the config.toml of the run that saved the weights: they run as they were trained."""
-    weights = getattr(args, "weights", None) if args.command in ("evaluate", "predict") else None
-    if args.command == "evaluate" and args.run is not None:
-        weights = str(Path(args.run) / "config.toml")
-    if args.config is not None or weights is None or not (Path(weights).parent / "config.toml").is_file():
+    """--config, else the config.toml of the run that saved the weights: they run as they were trained.
+
+    --run RUN becomes --weights (the run's best file) here, for every command that reads weights.
+    """
+    if args.command not in ("evaluate", "predict"):
         return args.config
-    return Path(weights).parent / "config.toml"
+    if args.run is not None:
+        args.weights = str(run_weights(Path(args.run)))
+    saved = Path(args.weights).parent / "config.toml"
+    return args.config if args.config is not None or not saved.is_file() else saved
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -425,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "predict": cmd_predict,
     }
     try:
-        config = load_config(run_config(args), args.set)
+        config = load_config(*config_source(args))
         return commands[args.command](args, config)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

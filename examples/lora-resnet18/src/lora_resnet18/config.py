@@ -145,6 +145,16 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return config
 
 
+def given_keys(path: str | Path | None, overrides: Sequence[str] = ()) -> set[str]:
+    """The "section.key" names the file at `path` and `overrides` set: what a user chose, not a packaged default.
+
+    Call it after load_config read the same file and overrides without error.
+    """
+    tables = _read(Path(path).read_text(encoding="utf-8"), str(path)) if path is not None else {}
+    keys = {f"{section}.{key}" for section, values in tables.items() if isinstance(values, dict) for key in values}
+    return keys | {text.partition("=")[0].strip() for text in overrides}
+
+
 def _read(text: str, name: str) -> dict[str, Any]:
     try:
         return tomllib.loads(text)

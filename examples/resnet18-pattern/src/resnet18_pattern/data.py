@@ -57,8 +57,8 @@ def synthetic_datasets(
     return sample(train_size), sample(val_size)
 
 
-def image_transforms(image_size: int, augment: bool):
-    """(train, val) transforms: the model's own preprocessing at `image_size`.
+def image_transforms(image_size: int, augment: bool, prep: dict | None = None):
+    """(train, val) transforms: the model's own preprocessing (or `prep`, an export's record of it) at `image_size`.
 
     Validation resizes so that a centre crop of `image_size` keeps the share
     of the image the weights were trained on (crop_fraction), then normalises
@@ -67,11 +67,10 @@ def image_transforms(image_size: int, augment: bool):
     """
     from torchvision import transforms
 
-    prep = preprocessing()
+    prep = prep or preprocessing()
     mode = transforms.InterpolationMode(prep["interpolation"])
     normalize = transforms.Normalize(prep["mean"], prep["std"])
-    # Rounded down, as timm does; the epsilon keeps 224 / (224 / 256) at 256.
-    resize = math.floor(image_size / prep["crop_fraction"] + 1e-6)
+    resize = resize_side(image_size, prep["crop_fraction"])
     val = transforms.Compose(
         [
             transforms.Resize(resize, interpolation=mode),
@@ -91,6 +90,22 @@ def image_transforms(image_size: int, augment: bool):
         ]
     )
     return train, val
+
+
+def resize_side(image_size: int, crop_fraction: float) -> int:
+    """The shorter side validation resizes to, so that a centre crop of `image_size` keeps `crop_fraction`."""
+    # Rounded down, as timm does; the epsilon keeps 224 / (224 / 256) at 256.
+    return math.floor(image_size / crop_fraction + 1e-6)
+
+
+def preprocessing_record(image_size: int) -> dict:
+    """How validation prepares an image at `image_size`, as an export records it for predict (and other runtimes).
+
+    Resize the shorter side to `resize` (with `interpolation`), centre-crop
+    `image_size` square, scale to [0, 1], then normalise with `mean` and `std`.
+    """
+    prep = dict(preprocessing())
+    return {"image_size": image_size, "resize": resize_side(image_size, prep["crop_fraction"]), **prep}
 
 
 # Modes PIL turns into RGB without loss; a 16-bit ("I;16", "I") or float ("F")
@@ -226,9 +241,40 @@ def image_folder_datasets(
 def check_classes(folder: Path, classes: list[str], num_classes: int) -> None:
     if len(classes) != num_classes:
         raise DataError(
-            f"{folder} has {len(classes)} classes but the model has "
-            f"num_classes = {num_classes}; change [model] num_classes in the config"
+            f"{folder} has {len(classes)} classes but the model has num_classes = {num_classes}; "
+            "set [model] num_classes to the folder's count, or leave it out of --config and --set: train then takes it"
         )
+
+
+def folder_classes(data: str) -> tuple[Path, list[str]] | None:
+    """The folder whose class folders name the classes of --data (train/ of a split one), and their names.
+
+    None for synthetic data or a folder that is not there (make_datasets names it).
+    Sorted folder names, as ImageFolder finds them, so the count is the one check_classes compares.
+    """
+    root = Path(data)
+    if data == DEFAULT_DATA or not root.is_dir():
+        return None
+    folder = root / "train" if (root / "train").is_dir() or (root / "val").is_dir() else root
+    if not folder.is_dir():
+        return None
+    return folder, sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+
+
+def count_classes_from(data: str, config: Config) -> None:
+    """Set model.num_classes to the class count of the --data folder: train's rule when no --config or --set gives it.
+
+    The run's config.toml then records that count, so evaluate, predict,
+    export and --resume build the same head. Synthetic data keeps the config's.
+    """
+    found = folder_classes(data)
+    if found is None:
+        return
+    folder, classes = found
+    if len(classes) < 2:
+        held = f"only {folder / classes[0]}" if classes else "no class folders"
+        raise DataError(f"{folder} holds {held}; a classifier needs 2 or more, as {folder}/<class>/<image>")
+    config.model.num_classes = len(classes)
 
 
 class SplitPart(Subset):

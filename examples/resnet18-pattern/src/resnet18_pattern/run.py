@@ -35,7 +35,7 @@ from .config import (
     load_config,
     parse_stages,
 )
-from .data import DEFAULT_DATA, class_names, data_record, make_datasets, same_data, saved_split
+from .data import DEFAULT_DATA, class_names, count_classes_from, data_record, make_datasets, same_data, saved_split
 from .distributed import World, on_main, start, wrap
 from .ema import EMA
 from .features import CachedBatches, cache_decision, cache_risks
@@ -115,6 +115,7 @@ class Asked:
     device: str | None
     freeze_from: str | Path | None
     overwrite: bool
+    count_classes: bool = False  # model.num_classes from an image folder's class folders
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -261,6 +262,9 @@ def resumed_config(config: Config | None, asked: Asked, world: World) -> tuple[C
     except (ConfigError, KeyError, TypeError) as err:
         raise ConfigError(f"{path}: its config does not fit this project ({err})") from None
     now = config.to_dict() if config is not None else saved.to_dict()
+    if asked.count_classes:
+        # The count the run took from its folder; a --config that leaves it out does not change it.
+        now["model"]["num_classes"] = saved.model.num_classes
     # --set on a resume is checked against the saved config like a --config file.
     apply_overrides(now, asked.overrides)
     if asked.epochs is not None:
@@ -309,6 +313,9 @@ def start_run(config: Config | None, asked: Asked) -> Run:
     # The run's own copy, with the epochs it plans for: what the checkpoints record.
     config = copy.deepcopy(config)
     config.train.epochs = config.train.epochs if asked.epochs is None else asked.epochs
+    data = asked.data or (checkpoint or {}).get("data", {}).get("data") or DEFAULT_DATA
+    if asked.count_classes and checkpoint is None:
+        count_classes_from(data, config)
     check_config(config, world, dev)
     out = asked.out or out
     if out is None:
@@ -331,7 +338,6 @@ def start_run(config: Config | None, asked: Asked) -> Run:
         sync_bn=config.train.sync_bn and world.distributed,
         freeze_from=asked.freeze_from,
     )
-    data = asked.data or (checkpoint or {}).get("data", {}).get("data") or DEFAULT_DATA
     run = Run(config, data, config.train.epochs, Path(out), model, state, dev, world)
     run.stages = parse_stages(config.unfreeze.stages)
     run.checkpoint, run.resumed_from = checkpoint, resume

@@ -147,6 +147,7 @@ def fit(
     device: str | None = None,
     freeze_from: str | Path | None = None,
     overwrite: bool = False,
+    count_classes: bool = False,
 ) -> list[dict[str, float]]:
     """Train and write the run folder; return one metrics row per epoch.
 
@@ -160,10 +161,11 @@ def fit(
     `data` is "synthetic" or an image folder; by default a resumed run's own, else "synthetic".
     `freeze_from` is a freeze_manifest.json whose freeze state replaces the
     config's spec. `overwrite` deletes the run a folder holds and starts over.
+    `count_classes` takes model.num_classes from an image folder (the CLI's rule unless the user gives one).
     Under torchrun every process runs this with its share of each batch
     (`train.batch_size` is the global batch); rank 0 alone writes and prints.
     """
-    asked = Asked(out, data, epochs, init, resume, overrides, device, freeze_from, overwrite)
+    asked = Asked(out, data, epochs, init, resume, overrides, device, freeze_from, overwrite, count_classes)
     run = start_run(config, asked)
     finished = False
     try:
