@@ -154,9 +154,10 @@ def test_the_readme_backbone_table_matches_the_generated_code():
 
 
 def shown_selectors(project: Path) -> dict[str, list]:
-    """Every example selector a render's config.toml, README and --help show, by where it stands."""
+    """Every example selector a render's config.toml, README, docs/ and --help show, by where it stands."""
     package = next(p for p in (project / "src").iterdir() if (p / "config.toml").is_file())
-    texts = "".join((path).read_text() for path in (package / "config.toml", project / "README.md", package / "cli.py"))
+    pages = [package / "config.toml", project / "README.md", *sorted((project / "docs").glob("*.md"))]
+    texts = "".join(path.read_text() for path in [*pages, package / "cli.py"])
     found: dict[str, list] = {"spec": [], "select": [], "bn_modes": [], "lr_mult": []}
     specs = re.findall(r"""--spec ["']([^"'{]+)["']""", texts) + re.findall(r'^SPEC_EXAMPLE = "(.+)"', texts, re.M)
     for spec in specs:

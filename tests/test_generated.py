@@ -91,13 +91,12 @@ def test_lora_on_linears_passes_on_cpu(render_project, name):
 
 @pytest.mark.slow
 def test_the_lora_readme_example_reloads_the_adapter_file_a_run_wrote(render_project):
-    """The README's Python block, pasted as is after its quick start's `train --out runs/a`."""
+    """docs/lora.md's Python block, pasted as is after the README's `train --out runs/a`."""
     project = render_project("lora-readme", project_name="lora-readme", freeze_by="lora", features=[])
     env = {**os.environ, "PYTHONPATH": str(project / "src"), "CI": "true"}
     train = [sys.executable, "-m", "lora_readme", "train", "--epochs", "1", "--out", "runs/a", "--device", "cpu"]
     subprocess.run(train, cwd=project, env=env, check=True, capture_output=True)
-    readme = (project / "README.md").read_text()
-    block = readme.split("### LoRA adapters")[1].split("```python\n")[1].split("```")[0]
+    block = (project / "docs" / "lora.md").read_text().split("```python\n")[1].split("```")[0]
     # The reloaded model computes what best.pt, the merged weights of the same epoch, computes.
     check = """
 import torch

@@ -14,27 +14,28 @@ import yaml
 from scaffold.matrix import all_rows, answer_sets, answers, covered_pairs, label, without_batchnorm
 from scaffold.render import render
 from tests.conftest import ROOT
+from tests.test_examples import broken_links
 
 SETS = answer_sets()
 # One worker renders the matrix once for every test here.
 pytestmark = pytest.mark.xdist_group("renders")
 
 
-# The module and the test files each feature adds, and nothing else does.
+# The module, the test files and the docs/ page each feature adds, and nothing else does.
 FEATURE_FILES = {
-    "distributed": ({"distributed"}, {"test_ddp"}),
-    "feature_cache": ({"features"}, {"test_feature_cache"}),
-    "compile": (set(), set()),
-    "grad_checkpointing": ({"grad_checkpointing"}, {"test_grad_checkpointing"}),
-    "lr_shaping": (set(), {"test_lr_shaping"}),
-    "amp": (set(), {"test_amp"}),
-    "export": ({"export"}, {"test_export"}),
-    "plot": ({"plot"}, {"test_plot"}),
-    "tensorboard": ({"tracking"}, {"test_tensorboard"}),
-    "ema": ({"ema"}, {"test_ema"}),
-    "mlflow": ({"tracking"}, {"test_mlflow"}),
-    "wandb": ({"tracking"}, {"test_wandb"}),
-    "traps": ({"traps"}, {"test_traps"}),
+    "distributed": ({"distributed"}, {"test_ddp"}, {"distributed"}),
+    "feature_cache": ({"features"}, {"test_feature_cache"}, set()),
+    "compile": (set(), set(), set()),
+    "grad_checkpointing": ({"grad_checkpointing"}, {"test_grad_checkpointing"}, set()),
+    "lr_shaping": (set(), {"test_lr_shaping"}, set()),
+    "amp": (set(), {"test_amp"}, set()),
+    "export": ({"export"}, {"test_export"}, {"export"}),
+    "plot": ({"plot"}, {"test_plot"}, set()),
+    "tensorboard": ({"tracking"}, {"test_tensorboard"}, {"trackers"}),
+    "ema": ({"ema"}, {"test_ema"}, set()),
+    "mlflow": ({"tracking"}, {"test_mlflow"}, {"trackers"}),
+    "wandb": ({"tracking"}, {"test_wandb"}, {"trackers"}),
+    "traps": ({"traps"}, {"test_traps"}, {"traps"}),
 }
 
 
@@ -47,9 +48,11 @@ def expected_files(row: dict, package: str) -> set[str]:
     tests = {"conftest", "test_batchnorm", "test_checkpoint", "test_config", "test_cuda", "test_fast", "test_feedback"}
     tests |= {"test_freeze", "test_integrity", "test_optim", "test_runfolder", "test_stages", "test_train"}
     tests |= {"test_lr_find", "test_model"}
+    docs = {"freezing", "training", "runs"}
     for feature in row["features"]:
         modules |= FEATURE_FILES[feature][0]
         tests |= FEATURE_FILES[feature][1]
+        docs |= FEATURE_FILES[feature][2]
     files = {
         ".copier-answers.yml",
         ".gitignore",
@@ -60,6 +63,7 @@ def expected_files(row: dict, package: str) -> set[str]:
         f"{src}/config.toml",
         *(f"{src}/{m}.py" for m in modules),
         *(f"tests/{t}.py" for t in tests),
+        *(f"docs/{d}.md" for d in docs),
     }
     if row["backbone"] == "custom":
         # The shipped example: a character model and its sequence data.
@@ -70,7 +74,7 @@ def expected_files(row: dict, package: str) -> set[str]:
     if "full" in row["checkpoint_formats"]:
         files.add("tests/test_resume.py")
     if row["freeze_by"] == "lora":
-        files |= {f"{src}/lora.py", "tests/test_lora.py"}
+        files |= {f"{src}/lora.py", "tests/test_lora.py", "docs/lora.md"}
     return files
 
 
@@ -158,20 +162,59 @@ def test_options_not_chosen_leave_no_code(renders):
 
 
 # What each feature leaves in a render that has it, and never in one without:
-# (file, text) pairs, one or two per place a capability could leak into.
+# (file, text) pairs, one or two per place a capability could leak into; the
+# README and the docs/ pages every render has each get a section per feature.
 FEATURE_TRACES = {
-    "distributed": [("src/finetune_demo/train.py", "world"), ("src/finetune_demo/config.toml", "sync_bn")],
-    "feature_cache": [("src/finetune_demo/train.py", "cache"), ("src/finetune_demo/config.toml", "cache_features")],
-    "compile": [("src/finetune_demo/run.py", "torch.compile"), ("src/finetune_demo/config.toml", "compile")],
-    "grad_checkpointing": [("src/finetune_demo/config.toml", "grad_checkpointing"), ("README.md", "checkpointing")],
-    "lr_shaping": [("src/finetune_demo/config.toml", "layer_decay"), ("src/finetune_demo/optim.py", "layer_decay")],
-    "amp": [("src/finetune_demo/train.py", "autocast"), ("src/finetune_demo/config.toml", "amp_dtype")],
-    "export": [("src/finetune_demo/cli.py", "export"), ("pyproject.toml", "onnx")],
-    "plot": [("src/finetune_demo/cli.py", "plot"), ("pyproject.toml", "matplotlib")],
-    "tensorboard": [("src/finetune_demo/config.toml", "tensorboard"), ("pyproject.toml", "tensorboard")],
+    "distributed": [
+        ("src/finetune_demo/train.py", "world"),
+        ("src/finetune_demo/config.toml", "sync_bn"),
+        ("README.md", "torchrun"),
+        ("docs/training.md", "shared by the processes"),
+    ],
+    "feature_cache": [
+        ("src/finetune_demo/train.py", "cache"),
+        ("src/finetune_demo/config.toml", "cache_features"),
+        ("README.md", "cache_features"),
+        ("docs/training.md", "cache_features"),
+    ],
+    "compile": [
+        ("src/finetune_demo/run.py", "torch.compile"),
+        ("src/finetune_demo/config.toml", "compile"),
+        ("README.md", "torch.compile"),
+        ("docs/freezing.md", "train.compile"),
+    ],
+    "grad_checkpointing": [
+        ("src/finetune_demo/config.toml", "grad_checkpointing"),
+        ("README.md", "checkpointing"),
+        ("docs/training.md", "checkpointing"),
+    ],
+    "lr_shaping": [
+        ("src/finetune_demo/config.toml", "layer_decay"),
+        ("src/finetune_demo/optim.py", "layer_decay"),
+        ("README.md", "layer_decay"),
+        ("docs/freezing.md", "layer_decay"),
+    ],
+    "amp": [
+        ("src/finetune_demo/train.py", "autocast"),
+        ("src/finetune_demo/config.toml", "amp_dtype"),
+        ("README.md", "mixed precision"),
+        ("docs/training.md", "amp_dtype"),
+    ],
+    "export": [("src/finetune_demo/cli.py", "export"), ("pyproject.toml", "onnx"), ("README.md", "## export")],
+    "plot": [("src/finetune_demo/cli.py", "plot"), ("pyproject.toml", "matplotlib"), ("README.md", "## curves")],
+    "tensorboard": [
+        ("src/finetune_demo/config.toml", "tensorboard"),
+        ("pyproject.toml", "tensorboard"),
+        ("README.md", "tensorboard"),
+    ],
     "mlflow": [("src/finetune_demo/config.toml", "mlflow"), ("pyproject.toml", "mlflow"), ("README.md", "mlflow")],
     "wandb": [("src/finetune_demo/config.toml", "wandb"), ("pyproject.toml", "wandb"), ("README.md", "wandb")],
-    "ema": [("src/finetune_demo/config.toml", "ema_decay"), ("src/finetune_demo/train.py", "run.ema")],
+    "ema": [
+        ("src/finetune_demo/config.toml", "ema_decay"),
+        ("src/finetune_demo/train.py", "run.ema"),
+        ("README.md", "ema_decay"),
+        ("docs/training.md", "ema_decay"),
+    ],
     "traps": [("src/finetune_demo/cli.py", "traps"), ("README.md", "the traps, live")],
 }
 
@@ -182,6 +225,12 @@ def test_a_feature_not_chosen_leaves_nothing_behind(renders):
             for name, text in traces:
                 found = text in (project / name).read_text().lower()
                 assert found == (feature in row["features"]), f"{label(row)}: {text!r} in {name}"
+
+
+def test_every_link_in_a_readme_and_its_docs_resolves(renders):
+    """A link to a page or heading that this render's answers left out would point nowhere."""
+    for row, project in renders.values():
+        assert not broken_links([project / "README.md", *sorted((project / "docs").glob("*.md"))]), label(row)
 
 
 def test_no_function_is_longer_than_a_screen(renders):
