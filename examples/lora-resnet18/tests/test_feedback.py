@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import torch
+from conftest import child_env
 from torch.utils.data import DataLoader
 
 from lora_resnet18.data import DEFAULT_DATA, make_datasets
@@ -47,3 +49,13 @@ def test_the_bar_shows_loss_accuracy_and_images_per_second(config, capsys):
     assert count == len(train_set) and 0 <= correct <= count and loss > 0
     train_one_epoch(model, loader, optimizer, torch.device("cpu"))
     assert capsys.readouterr().err == "", "no bar without a description"
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`lora_resnet18 layers | head -1`: the pipe closes under the command, which stops quietly."""
+    command = [sys.executable, "-m", "lora_resnet18", "layers"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env())
+    proc.stdout.close()  # before the command has printed anything: its first write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -60,6 +60,15 @@ def test_predict_agrees_with_evaluate(trained, tmp_path, capsys):
     for first, second in zip(rows[::2], rows[1::2], strict=True):
         assert first["path"] == second["path"] and float(first["probability"]) >= float(second["probability"])
         assert first["label"] in NAMES and first["label"] != second["label"]
+    # Without --out, the same rows as a table, its columns in the CSV's order.
+    capsys.readouterr()
+    assert main([*args[:-2], "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["path", "rank", "label", "probability"]
+    for line, row in zip(lines[1:], rows, strict=True):
+        *cells, probability = line.split()
+        assert cells == [row["path"], row["rank"], row["label"]]
+        assert float(probability) == pytest.approx(float(row["probability"]), abs=1e-4)
 
 
 def test_predict_and_export_take_a_run_folder_and_options_after_the_command(trained, tmp_path, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shlex
 import signal
 import sys
@@ -553,8 +554,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(*config_source(args))
         return commands[args.command](args, config)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        # Under torchrun every process meets the same bad value before the
+        # process group exists: the first process of each machine says it.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader left (`| head`): stop quietly, as Unix tools do; stdout goes
+        # to /dev/null so the interpreter's last flush does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (MemoryError, RuntimeError) as err:
         # An allocation the machine cannot make (a huge num_classes, image_size or dataset): one line, not a traceback.
         if not isinstance(err, MemoryError) and "allocate" not in str(err):

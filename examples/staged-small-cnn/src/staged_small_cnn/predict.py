@@ -113,9 +113,11 @@ def predict(
 
 def format_rows(rows: list[dict]) -> str:
     """A table for a terminal: one line per (image, rank)."""
+    # The CSV's columns, in the CSV's order.
     width = max([len("path")] + [len(row["path"]) for row in rows])
-    lines = [f"{'path':<{width}}  rank  {'probability':>11}  label"]
-    lines += [f"{r['path']:<{width}}  {r['rank']:>4}  {r['probability']:>11.4f}  {r['label']}" for r in rows]
+    label = max([len("label")] + [len(row["label"]) for row in rows])
+    lines = [f"{'path':<{width}}  rank  {'label':<{label}}  probability"]
+    lines += [f"{r['path']:<{width}}  {r['rank']:>4}  {r['label']:<{label}}  {r['probability']:>11.4f}" for r in rows]
     return "\n".join(lines)
 
 
