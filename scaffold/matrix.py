@@ -37,6 +37,7 @@ RESEARCH_FEATURES = (
     "plot",
     "tensorboard",
     "ema",
+    "advisor",
 )
 # The teaching edition's default, and the one feature it takes.
 TEACHING_FEATURES = ("traps",)
@@ -65,7 +66,7 @@ DIMENSIONS: dict[str, list[Any]] = {
     "features": [
         (),
         TEACHING_FEATURES,
-        ("distributed", "compile", "lr_shaping", "plot", "ema", "mlflow", "traps"),
+        ("distributed", "compile", "lr_shaping", "plot", "ema", "advisor", "mlflow", "traps"),
         ("feature_cache", "grad_checkpointing", "amp", "export", "tensorboard", "ema", "wandb"),
         RESEARCH_FEATURES,
     ],

@@ -33,6 +33,7 @@ FEATURE_FILES = {
     "plot": ({"plot"}, {"test_plot"}, set()),
     "tensorboard": ({"tracking"}, {"test_tensorboard"}, {"trackers"}),
     "ema": ({"ema"}, {"test_ema"}, set()),
+    "advisor": ({"advisor"}, {"test_advisor"}, {"advisor"}),
     "mlflow": ({"tracking"}, {"test_mlflow"}, {"trackers"}),
     "wandb": ({"tracking"}, {"test_wandb"}, {"trackers"}),
     "traps": ({"traps"}, {"test_traps"}, {"traps"}),
@@ -216,6 +217,11 @@ FEATURE_TRACES = {
         ("docs/training.md", "ema_decay"),
     ],
     "traps": [("src/finetune_demo/cli.py", "traps"), ("README.md", "the traps, live")],
+    "advisor": [
+        ("src/finetune_demo/cli.py", "cmd_suggest"),
+        ("src/finetune_demo/model.py", "plan/suggest"),
+        ("README.md", "## measuring the choice"),
+    ],
 }
 
 

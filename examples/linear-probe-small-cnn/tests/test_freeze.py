@@ -150,3 +150,10 @@ def test_layers_spec_is_a_dry_run_with_counts(config_file, capsys, model):
 def test_the_config_spec_is_read_as_selectors(config):
     spec = freeze_spec(config)
     assert spec == ["!head"], "keep_trainable names what trains"
+
+
+def test_keep_trainable_star_trains_every_parameter(config):
+    config.freeze.keep_trainable = ["*"]
+    assert freeze_spec(config) == []
+    _, state = prepare_model(config)
+    assert state.frozen == set()  # a full fine-tune (the BatchNorm policy may still fix some affines)

@@ -1,6 +1,6 @@
 """The command line of custom_char_model.
 
-Commands: layers, inspect-weights, train, lr-find, evaluate, export, plot.
+Commands: layers, inspect-weights, train, lr-find, evaluate, export, plot, plan, suggest.
 `custom_char_model COMMAND --help` says more.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .advisor import add_advisor_commands, cmd_plan, cmd_suggest
 from .checkpoint import CheckpointError, read_classes, read_state_dict, verify_in_run
 from .config import Config, ConfigError, load_config
 from .data import (
@@ -91,6 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     add_train_command(commands)
     add_lr_find_command(commands)
+    add_advisor_commands(commands)
 
     add_inference_commands(commands)
 
@@ -431,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "inspect-weights": cmd_inspect_weights,
         "train": cmd_train,
         "lr-find": cmd_lr_find,
+        "plan": cmd_plan,
+        "suggest": cmd_suggest,
         "evaluate": cmd_evaluate,
         "export": cmd_export,
         "plot": cmd_plot,

@@ -10,7 +10,7 @@ from torch import nn
 from .config import Config, ConfigError
 
 HEAD = "head"
-# The model's blocks are its top-level children (train.layer_decay and train.grad_checkpointing
+# The model's blocks are its top-level children (train.layer_decay, train.grad_checkpointing and plan/suggest
 # count them); name containers here to count theirs.
 BLOCK_CONTAINERS: tuple[str, ...] = ()
 # ImageNet statistics: images are normalised with them (and resized to

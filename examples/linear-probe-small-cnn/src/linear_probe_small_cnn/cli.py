@@ -1,6 +1,6 @@
 """The command line of linear_probe_small_cnn.
 
-Commands: layers, inspect-weights, train, lr-find, evaluate, predict, export, plot.
+Commands: layers, inspect-weights, train, lr-find, evaluate, predict, export, plot, plan, suggest.
 `linear_probe_small_cnn COMMAND --help` says more.
 """
 
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .advisor import add_advisor_commands, cmd_plan, cmd_suggest
 from .checkpoint import CheckpointError, read_classes, read_state_dict, verify_in_run
 from .config import Config, ConfigError, given_keys, load_config
 from .data import (
@@ -106,6 +107,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     add_train_command(commands)
     add_lr_find_command(commands)
+    add_advisor_commands(commands)
 
     add_inference_commands(commands)
 
@@ -543,6 +545,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "inspect-weights": cmd_inspect_weights,
         "train": cmd_train,
         "lr-find": cmd_lr_find,
+        "plan": cmd_plan,
+        "suggest": cmd_suggest,
         "evaluate": cmd_evaluate,
         "predict": cmd_predict,
         "export": cmd_export,

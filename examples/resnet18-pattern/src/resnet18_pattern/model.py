@@ -11,7 +11,7 @@ from .config import Config
 
 HEAD = "fc"
 # Containers whose children are the model's blocks, in depth order: what
-# train.layer_decay and train.grad_checkpointing count.
+# train.layer_decay, train.grad_checkpointing and plan/suggest count.
 BLOCK_CONTAINERS = ("layer1", "layer2", "layer3", "layer4")
 ARCH = "resnet18"
 
