@@ -62,6 +62,21 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, config, straight):
     assert (out / "metrics.csv").read_text().count("\n") == EPOCHS + 1
 
 
+def test_a_resumed_sgd_run_equals_an_uninterrupted_one(tmp_path, config):
+    """SGD's momentum buffers come back with the rest: a resume does not restart them at zero."""
+    config.train.optimizer = "sgd"
+    fit(config, tmp_path / "straight", epochs=EPOCHS, device="cpu")
+    fit(config, tmp_path / "split", epochs=EPOCHS, stop_after=EPOCHS - 1, device="cpu")
+    fit(config, None, epochs=EPOCHS, resume=tmp_path / "split", device="cpu")
+    straight, split = (torch_load(tmp_path / name / "last.ckpt") for name in ("straight", "split"))
+    assert_same_weights(straight["model"], split["model"])
+    states = straight["optimizer"]["state"]
+    assert states and all("momentum_buffer" in state for state in states.values())
+    assert states.keys() == split["optimizer"]["state"].keys()
+    for key, value in states.items():
+        assert_same_weights(value, split["optimizer"]["state"][key])
+
+
 def test_every_rng_comes_back(config):
     set_rng_state(state := rng_state())
     draws = (random.random(), torch.rand(3), np.random.rand(3))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from conftest import frozen_names
+from torch import nn
 
+from resnet18_pattern.data import example_inputs
 from resnet18_pattern.optim import make_optimizer, trainable_names
 from resnet18_pattern.run import prepare_model
 
@@ -37,3 +40,24 @@ def test_frozen_parameters_never_enter_any_group(config):
     held = {n for g in make_optimizer(model, config).param_groups for n in names_in(model, g)}
     assert held == set(trainable_names(model))
     assert frozen_names(model) and not held & set(frozen_names(model))
+
+
+def test_sgd_moves_only_what_trains_and_keeps_momentum_for_it_alone(config):
+    """train.optimizer = "sgd": momentum and weight decay, like AdamW's state, touch trainable tensors only."""
+    config.train.optimizer, config.train.momentum, config.train.weight_decay = "sgd", 0.9, 0.1
+    model, _ = prepare_model(config)
+    optimizer = make_optimizer(model, config)
+    assert isinstance(optimizer, torch.optim.SGD)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    inputs = example_inputs(config, 4)
+    labels = torch.arange(4) % config.model.num_classes
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(inputs), labels).backward()
+        optimizer.step()
+    params = dict(model.named_parameters())
+    frozen = frozen_names(model)
+    assert frozen and all(torch.equal(params[name], before[name]) for name in frozen)
+    assert any(not torch.equal(params[name], before[name]) for name in trainable_names(model))
+    momentum = {id(p) for p, state in optimizer.state.items() if "momentum_buffer" in state}
+    assert momentum and momentum <= {id(params[name]) for name in trainable_names(model)}

@@ -84,11 +84,14 @@ def param_groups(
 def make_optimizer(
     model: nn.Module, config: Config, groups: list[dict[str, Any]] | None = None
 ) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters only, grouped as `groups` says (default: by the config)."""
+    """train.optimizer over the trainable parameters only, grouped as `groups` says (default: by the config)."""
     if groups is None:
         groups = param_groups(model, config, trainable_names(model), "trainable")
     lr, params = config.train.lr, dict(model.named_parameters())
     torch_groups = [torch_group(params, group, lr) for group in groups]
+    if config.train.optimizer == "sgd":
+        # Each group carries its own weight_decay; SGD adds it to the gradient (L2), AdamW decays the weight.
+        return torch.optim.SGD(torch_groups, lr=lr, momentum=config.train.momentum)
     return torch.optim.AdamW(torch_groups, lr=lr, weight_decay=config.train.weight_decay)
 
 

@@ -65,6 +65,8 @@ class TrainConfig:
     lr: float
     weight_decay: float
     no_decay_norm_bias: bool
+    optimizer: Literal["adamw", "sgd"]
+    momentum: float
     seed: int
     image_size: int
     num_workers: int | Literal["auto"]
@@ -329,6 +331,7 @@ def _rules(config: Config) -> list[tuple[str, Any, bool, str]]:
         ("train.batch_size", train.batch_size, train.batch_size >= 1, "at least 1"),
         ("train.lr", train.lr, math.isfinite(train.lr) and train.lr > 0, "a finite number > 0"),
         ("train.weight_decay", train.weight_decay, _finite(train.weight_decay, 0), "a finite number >= 0"),
+        ("train.momentum", train.momentum, 0 <= train.momentum < 1, "a number in [0, 1), e.g. 0.9"),
         ("train.image_size", train.image_size, train.image_size >= 1, "at least 1 pixel"),
         ("train.num_workers", train.num_workers, _auto_or_at_least(train.num_workers, 0), '"auto" or >= 0'),
         ("init.min_loaded_fraction", init.min_loaded_fraction, 0 <= init.min_loaded_fraction <= 1, "in [0, 1]"),

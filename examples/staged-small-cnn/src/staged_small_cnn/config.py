@@ -55,6 +55,8 @@ class TrainConfig:
     lr: float
     weight_decay: float
     no_decay_norm_bias: bool
+    optimizer: Literal["adamw", "sgd"]
+    momentum: float
     lr_mult: dict[str, float]
     layer_decay: float
     seed: int
@@ -337,6 +339,7 @@ def _rules(config: Config) -> list[tuple[str, Any, bool, str]]:
         ("train.batch_size", train.batch_size, train.batch_size >= 1, "at least 1"),
         ("train.lr", train.lr, math.isfinite(train.lr) and train.lr > 0, "a finite number > 0"),
         ("train.weight_decay", train.weight_decay, _finite(train.weight_decay, 0), "a finite number >= 0"),
+        ("train.momentum", train.momentum, 0 <= train.momentum < 1, "a number in [0, 1), e.g. 0.9"),
         ("train.image_size", train.image_size, train.image_size >= 1, "at least 1 pixel"),
         ("train.layer_decay", train.layer_decay, 0 < train.layer_decay <= 1, "a number in (0, 1]; 1.0 is off"),
         ("train.ema_decay", train.ema_decay, 0 <= train.ema_decay < 1, "0 (off) or a number in (0, 1), e.g. 0.999"),
