@@ -190,9 +190,15 @@ def test_every_selector_a_render_shows_resolves_on_its_model(tmp_path, backbone)
         setattr(getattr(config, section), key, {})
 
 
+# traps.py reads a backbone only through its head, its children and whether it has BatchNorm: resnet50 and
+# vgg16_bn are torchvision BatchNorm convnets as resnet18 is, and cost 2.8 of this test's 5 minutes (vgg16_bn's 138M
+# parameters are copied and saved by every trap); every other family is here.
+TRAP_BACKBONES = [b for b in BACKBONES if b not in ("resnet50", "vgg16_bn")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone", BACKBONES)
-def test_every_trap_shows_on_every_backbone(tmp_path, backbone):
+@pytest.mark.parametrize("backbone", TRAP_BACKBONES)
+def test_every_trap_shows_on_every_backbone_family(tmp_path, backbone):
     """A research render's `traps`: each habit fails on this model and the project's code holds."""
     package = f"traps_{backbone}"
     answers = {"project_name": package, "backbone": backbone, "features": ["traps"], **EXTRA_ANSWERS.get(backbone, {})}

@@ -85,7 +85,8 @@ def test_matrix_covers_every_valid_pair():
     assert len(SETS) < len(all_rows()) / 5
 
 
-@pytest.fixture(scope="module")
+# Session scope: a worker that runs another module's tests between these keeps the renders (two minutes).
+@pytest.fixture(scope="session")
 def renders(tmp_path_factory) -> dict[str, tuple[dict, Path]]:
     root = tmp_path_factory.mktemp("matrix")
     return {label(row): (row, render(root / label(row), answers(row), src=ROOT)) for row in SETS}
