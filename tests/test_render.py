@@ -79,6 +79,13 @@ def expected_files(row: dict, package: str) -> set[str]:
     return files
 
 
+def test_the_matrix_renders_on_one_worker(request):
+    """Under `--dist loadgroup` this module's tests share a worker, which renders the matrix once (on pytest
+    9.2 xdist_group stopped grouping without a word, and two workers each spent two minutes rendering it)."""
+    if getattr(request.config.option, "loadgroup", False):
+        assert request.node.nodeid.endswith("@renders"), request.node.nodeid
+
+
 def test_matrix_covers_every_valid_pair():
     everything = covered_pairs(all_rows())
     assert covered_pairs(SETS) == everything
