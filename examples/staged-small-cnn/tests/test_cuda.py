@@ -9,6 +9,7 @@ import torch
 from conftest import pretrained_like, to_toml, torchrun
 
 from staged_small_cnn.checkpoint import RunFiles, read_state_dict
+from staged_small_cnn.cli import main
 from staged_small_cnn.data import DEFAULT_DATA, make_datasets
 from staged_small_cnn.lr_find import lr_find
 from staged_small_cnn.run import prepare_model
@@ -36,6 +37,15 @@ def test_lr_find_on_cuda_puts_back_the_cuda_generator(config):
     assert len(test.rows) >= 2
     assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), before, strict=True))
     assert all(p.device.type == "cpu" for p in model.parameters()), "lr-find moved the caller's model"
+
+
+@pytest.mark.cuda
+def test_plan_on_cuda_reports_peak_allocated_memory_that_grows_with_what_trains(tmp_path, config, capsys):
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(to_toml(config))
+    assert main(["--config", str(config_file), "plan", "--batches", "2", "--device", "cuda", "--json"]) == 0
+    rows = {row["choice"]: row for row in json.loads(capsys.readouterr().out)}
+    assert 0 < rows["linear probe"]["memory_bytes"] < rows["full fine-tune"]["memory_bytes"]
 
 
 @pytest.mark.cuda
