@@ -62,7 +62,6 @@ class Choice:
 
     name: str
     overrides: list[str]
-    trainable: set[str] | None = None  # parameter names of the plain model that train; None: the config's
 
 
 @dataclass
@@ -150,7 +149,7 @@ def choices(model: nn.Module, config: Config) -> list[Choice]:
         name = f"from {parts[first][0]}"
         if first in (0, len(parts) - 1):
             name = "full fine-tune" if first == 0 else "linear probe"
-        found.append(Choice(name, spec_overrides(model, trainable, config), trainable))
+        found.append(Choice(name, spec_overrides(model, trainable, config)))
     mine = "config"
     return [*found, Choice(mine, [])]
 
@@ -249,7 +248,8 @@ def measure(model: nn.Module, config: Config, batches: Batches, device: torch.de
         amp = amp_dtype(config.train, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
         channels_last = use_channels_last(config.train.channels_last, probe, device)
-        steps = Steps(batches, device, [*probe.parameters(), *probe.buffers()])
+        held = [*probe.parameters(), *probe.buffers()]
+        steps = Steps(batches, device, held)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with torch.autograd.graph.saved_tensors_hooks(steps.pack, lambda tensor: tensor):
@@ -258,9 +258,8 @@ def measure(model: nn.Module, config: Config, batches: Batches, device: torch.de
     if device.type == "cuda":
         memory = torch.cuda.max_memory_allocated(device)
     else:
-        held = sum(t.nbytes for t in [*probe.parameters(), *probe.buffers()])
         grads = sum(p.nbytes for p in probe.parameters() if p.requires_grad)
-        memory = held + grads + state + steps.saved_peak
+        memory = sum(t.nbytes for t in held) + grads + state + steps.saved_peak
     return state, memory, statistics.median(steps.seconds)
 
 
@@ -337,7 +336,7 @@ def suggest(args: argparse.Namespace, config: Config) -> tuple[list[tuple[str, f
     top = {label for label, _ in ranking[: args.top]}
     trainable = set().union(*(names for label, names in parts if label in top or label == parts[-1][0]))
     name = "train " + " + ".join(label for label, _ in ranking[: args.top]) + " and the head"
-    return ranking, Choice(name, spec_overrides(model, trainable, config), trainable)
+    return ranking, Choice(name, spec_overrides(model, trainable, config))
 
 
 # ---------------------------------------------------------------------------
