@@ -43,8 +43,8 @@ FEATURE_FILES = {
 def expected_files(row: dict, package: str) -> set[str]:
     """The file set, derived from the answers independently of the template."""
     src = f"src/{package}"
-    modules = {"__init__", "__main__", "batchnorm", "checkpoint", "cli", "config", "data", "evaluation", "freeze"}
-    modules |= {"integrity", "layers", "lr_find"}
+    modules = {"__init__", "__main__", "batchnorm", "checkpoint", "cli", "commands", "config", "data", "evaluation"}
+    modules |= {"freeze", "integrity", "layers", "lr_find"}
     modules |= {"model", "optim", "rng", "run", "runfolder", "saving", "train", "weights"}
     tests = {"conftest", "test_batchnorm", "test_checkpoint", "test_config", "test_cuda", "test_fast", "test_feedback"}
     tests |= {"test_freeze", "test_integrity", "test_optim", "test_runfolder", "test_stages", "test_train"}
@@ -226,7 +226,8 @@ FEATURE_TRACES = {
     ],
     "traps": [("src/finetune_demo/cli.py", "traps"), ("README.md", "the traps, live")],
     "advisor": [
-        ("src/finetune_demo/cli.py", "cmd_suggest"),
+        ("src/finetune_demo/cli.py", "add_advisor_commands"),
+        ("src/finetune_demo/commands.py", "cmd_suggest"),
         ("src/finetune_demo/model.py", "plan/suggest"),
         ("README.md", "## measuring the choice"),
     ],

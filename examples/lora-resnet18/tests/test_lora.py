@@ -10,7 +10,8 @@ from conftest import fitted, shrink
 from safetensors.torch import load_file, save_file
 
 from lora_resnet18.checkpoint import CheckpointError, read_state_dict
-from lora_resnet18.cli import main, trained_model
+from lora_resnet18.cli import main
+from lora_resnet18.commands import trained_model
 from lora_resnet18.config import ConfigError, LoraConfig, check
 from lora_resnet18.data import example_inputs
 from lora_resnet18.freeze import FreezeSpecError

@@ -11,7 +11,8 @@ import torch
 from conftest import image_folder, small_config, to_toml
 
 from resnet18_pattern.checkpoint import read_classes
-from resnet18_pattern.cli import main, trained_model
+from resnet18_pattern.cli import main
+from resnet18_pattern.commands import trained_model
 from resnet18_pattern.config import ConfigError, load_config
 from resnet18_pattern.data import example_inputs
 from resnet18_pattern.export import export

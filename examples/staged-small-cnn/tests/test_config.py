@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import subprocess
+import sys
+
 import pytest
 
-from staged_small_cnn.cli import main
+from staged_small_cnn.cli import get_args_parser, main
 from staged_small_cnn.config import ConfigError, load_config
 from staged_small_cnn.train import fit
 
@@ -121,3 +125,22 @@ def test_a_config_that_is_a_folder_or_nests_too_deeply_is_one_line(tmp_path, cap
     assert main(["--set", "train.lr=" + "[" * 3000 + "]" * 3000, "layers"]) == 2
     err = capsys.readouterr().err
     assert "nests too deeply" in err and err.count("\n") == 1, err
+
+
+def test_help_and_a_mistyped_flag_answer_without_importing_torch():
+    """Parsing imports no torch (about 2 s), so every --help and a flag's typo answer at once."""
+    (sub,) = [action for action in get_args_parser()._actions if isinstance(action, argparse._SubParsersAction)]
+    asked = [["--help"], *([name, "--help"] for name in sub.choices), ["train", "--epocs", "1"]]
+    probe = (
+        "import sys\n"
+        "from staged_small_cnn.cli import main\n"
+        f"for argv in {asked!r}:\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "torch imported: False"
+    assert "unrecognized arguments: --epocs 1" in done.stderr

@@ -11,7 +11,8 @@ import torch
 from conftest import image_folder, small_config, to_toml
 
 from staged_small_cnn.checkpoint import read_classes
-from staged_small_cnn.cli import main, trained_model
+from staged_small_cnn.cli import main
+from staged_small_cnn.commands import trained_model
 from staged_small_cnn.config import ConfigError, load_config
 from staged_small_cnn.data import example_inputs
 from staged_small_cnn.export import export

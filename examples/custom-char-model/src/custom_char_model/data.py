@@ -11,12 +11,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .config import Config
+from .config import DEFAULT_DATA, Config
 from .model import import_factory
 
 DATA_FACTORY = "custom_char_model.char_model:datasets"
-# The value of --data that reads the factory, and the only one this project takes.
-DEFAULT_DATA = "custom"
 
 
 class DataError(ValueError):

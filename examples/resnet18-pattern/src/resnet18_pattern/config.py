@@ -22,6 +22,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+# Names the command line offers. They live here, not beside the code that uses
+# them, because cli.py reads them without importing torch.
+# The value of --data that needs no files.
+DEFAULT_DATA = "synthetic"
+# What `export --format` writes.
+EXPORT_FORMATS = ("pt2", "onnx", "torchscript")
+
 # A freeze selector: a name, glob, "re:", "idx:", "param_idx:" or "type:" string, or a child position.
 Selector = str | int
 

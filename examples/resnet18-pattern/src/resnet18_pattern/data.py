@@ -21,11 +21,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from .config import Config
+from .config import DEFAULT_DATA, Config
 from .model import preprocessing
-
-# The value of --data that needs no files.
-DEFAULT_DATA = "synthetic"
 
 
 class DataError(ValueError):

@@ -26,9 +26,9 @@ from torch import nn
 
 from .batchnorm import fold_batchnorm, plain_batchnorm
 from .checkpoint import atomic_path, leftover_temps
+from .config import EXPORT_FORMATS
 from .data import numbered_classes
 
-FORMATS = ("pt2", "onnx", "torchscript")
 # The names of the records inside a pt2 or torchscript file; onnx keys drop the ".json".
 CLASSES_FILE = "classes.json"
 PREPROCESSING_FILE = "preprocessing.json"
@@ -60,8 +60,8 @@ def export(
     is checked while it is still a temp file: a failed check leaves an earlier
     `out` as it was. `preprocessing`, when given, is recorded for predict.
     """
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     model = plain_batchnorm(model).eval()
     out = Path(out)
     make_room(out, model)

@@ -344,21 +344,6 @@ def suggest(args: argparse.Namespace, config: Config) -> tuple[list[tuple[str, f
 # ---------------------------------------------------------------------------
 
 
-def add_advisor_commands(commands: argparse._SubParsersAction) -> None:
-    for name, text in (
-        ("plan", "measure each choice of what to freeze on a few batches: trainable share, memory, step time"),
-        ("suggest", "rank the blocks by how much the data moves them (relative gradient norm), and a spec"),
-    ):
-        sub = commands.add_parser(name, help=text)
-        sub.add_argument("--data", default=DEFAULT_DATA, help=f"'{DEFAULT_DATA}' (the default) or a folder, as train's")
-        sub.add_argument("--batches", type=int, default=5, help="training batches to measure on (default 5)")
-        sub.add_argument("--init", help="weights to start from, as train --init")
-        sub.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-        sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
-        if name == "suggest":
-            sub.add_argument("--top", type=int, default=1, help="blocks the spec trains besides the head (default 1)")
-
-
 def train_command(overrides: list[str], args: argparse.Namespace) -> str:
     """The train command a row's --set values go into, with this command's own options."""
     command = ["staged_small_cnn", *(["--config", args.config] if args.config else [])]
