@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import child_env
 
 from custom_char_model.cli import get_args_parser, main
 from custom_char_model.config import ConfigError, load_config
@@ -136,6 +137,7 @@ def test_help_and_a_mistyped_flag_answer_without_importing_torch():
         "        pass\n"
         "print('torch imported:', 'torch' in sys.modules)\n"
     )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=child_env())
+    assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines()[-1] == "torch imported: False"
     assert "unrecognized arguments: --epocs 1" in done.stderr
