@@ -131,7 +131,7 @@ def test_a_config_that_is_a_folder_or_nests_too_deeply_is_one_line(tmp_path, cap
 def test_help_and_a_mistyped_flag_answer_without_importing_torch():
     """Parsing imports no torch (about 2 s), so every --help and a flag's typo answer at once."""
     (sub,) = [action for action in get_args_parser()._actions if isinstance(action, argparse._SubParsersAction)]
-    asked = [["--help"], *([name, "--help"] for name in sub.choices), ["train", "--epocs", "1"]]
+    asked = [["--help"], *([name, "--help"] for name in sub.choices), ["train", "--out", "RUN", "--epocs", "1"]]
     probe = (
         "import sys\n"
         "from linear_probe_small_cnn.cli import main\n"
